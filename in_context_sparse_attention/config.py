@@ -1,0 +1,39 @@
+"""Hyper-parameters of In-Context Sparse Attention (ISA)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ISAConfig:
+    """ISA hyper-parameters (defaults are the paper's).
+
+    Attributes:
+        block_size: tokens per block of the global grid laid from token 0 (b).
+        select_ratio: share of the candidate source blocks kept by context pre-selection
+            ("SRR"): K_ctx = floor(n_candidates * select_ratio).
+        sparsity: share of the pruned key/value blocks attended exactly by each diffuse
+            query block ("SAR"): E = max(1, floor(sparsity * NKV)); the rest are 0-th
+            order Taylor terms.
+        sharpness_ratio: k_s = max(1, floor(nT * sharpness_ratio)) target blocks summed
+            into a query block's sharpness.
+        flat_ratio: share of all query blocks (the sharpest) sent to full attention:
+            floor(NB * flat_ratio). It may be 0 (every query block through the sparse
+            kernel); the other ratios must be in (0, 1].
+    """
+
+    block_size: int = 64
+    select_ratio: float = 0.125
+    sparsity: float = 0.0625
+    sharpness_ratio: float = 0.0625
+    flat_ratio: float = 0.5
+
+    def __post_init__(self):
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"ISAConfig.block_size must be a positive int, got {self.block_size!r}")
+        for name in ("select_ratio", "sparsity", "sharpness_ratio", "flat_ratio"):
+            value = getattr(self, name)
+            low_ok = (lambda x: x >= 0.0) if name == "flat_ratio" else (lambda x: x > 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok(value) and value <= 1.0):
+                interval = "[0, 1]" if name == "flat_ratio" else "(0, 1]"
+                raise ValueError(f"ISAConfig.{name} must be a number in {interval}, got {value!r}")

@@ -1,0 +1,76 @@
+"""Dense attention on the best kernel present: FlashAttention-3, else FlashAttention-2,
+else PyTorch SDPA (which picks cuDNN or flash kernels on Hopper by itself).
+
+The choice is logged once per process so that a run never silently changes kernels.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_3():
+    try:
+        from flash_attn_interface import flash_attn_func  # FlashAttention-3 (Hopper)
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_2():
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+@functools.lru_cache(maxsize=None)
+def _announce(kernel: str) -> None:
+    logger.info("dense attention runs on %s", kernel)
+
+
+def dense_kernel_name(q: torch.Tensor) -> str:
+    """Name of the kernel `dense_attention` uses for tensors like `q`."""
+    if q.is_cuda and q.dtype in _FLASH_DTYPES and q.shape[-1] <= 256:
+        if _flash_attn_3() is not None:
+            return "FlashAttention-3"
+        if _flash_attn_2() is not None:
+            return "FlashAttention-2"
+    return "PyTorch SDPA"
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str = "bshd") -> torch.Tensor:
+    """Softmax attention softmax(q k^T / sqrt(D)) v without a mask.
+
+    Args:
+        q, k, v: [B, Lq, H, D], [B, Lk, H, D], [B, Lk, H, D] for layout "bshd"; the same
+            with the sequence and head axes swapped for layout "bhsd".
+    Returns:
+        The output in q's layout, shape and dtype.
+    """
+    if layout not in ("bshd", "bhsd"):
+        raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
+    kernel = dense_kernel_name(q)
+    _announce(kernel)
+    if kernel == "PyTorch SDPA":
+        if layout == "bshd":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2) if layout == "bshd" else out
+    if layout == "bhsd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    func = _flash_attn_3() if kernel == "FlashAttention-3" else _flash_attn_2()
+    out = func(q, k, v)
+    if isinstance(out, tuple):  # some FlashAttention-3 builds also return the log-sum-exp
+        out = out[0]
+    return out.transpose(1, 2) if layout == "bhsd" else out
