@@ -1,0 +1,115 @@
+"""Backend "triton": host side of the Triton kernels (checks, allocation, tiles, launches).
+
+Runs on CUDA tensors, or on CPU tensors under triton's interpreter (TRITON_INTERPRET=1).
+The kernels module is imported on first use, so that the interpreter switch, read by
+`triton.jit` when the kernels are defined, may be set after this module is imported.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+
+from .layout import BlockLayout
+from .selection import ISAPlan
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2_E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """Whether triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def _sparse_launch_config(device: torch.device, head_dim: int) -> dict:
+    """Tile sizes and launch parameters of the sparse kernel (tuned on an H100)."""
+    if device.type != "cuda":
+        return {"BLOCK_KV": 64, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_KV": 64, "num_warps": 4, "num_stages": 3 if head_dim <= 128 else 2}
+
+
+def pool_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """Mean of x over each block, padding excluded: [B, S, H, D] -> [B, H, NB, D] fp32."""
+    batch, seq, heads, dim = x.shape
+    out = torch.empty(batch, heads, layout.num_blocks, dim, dtype=torch.float32, device=x.device)
+    _kernels().pool_blocks_kernel[(layout.num_blocks, batch * heads)](
+        x, out, seq, heads, layout.num_blocks, *x.stride(), BLOCK=layout.block_size, HEAD_DIM=dim,
+        num_warps=4,
+    )
+    return out
+
+
+def sparse_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ISAPlan, out_padded: torch.Tensor) -> None:
+    """Exact top-E blocks plus 0-th order Taylor terms for the diffuse query blocks.
+
+    Args:
+        q, k, v: [B, S, H, D] (any strides; k and v are read in place through a block table).
+        plan: the block decisions; out_padded: [B, NB * b, H, D], written at the real rows
+            of the diffuse query blocks only.
+    """
+    layout = plan.layout
+    batch, seq, heads, dim = q.shape
+    num_sparse = plan.sparse_query_blocks.shape[-1]
+    if num_sparse == 0:
+        return
+    num_kv = plan.kv_blocks.shape[-1]
+    num_exact = plan.exact_positions.shape[-1]
+    kv_blocks = plan.kv_blocks.to(torch.int32).contiguous()  # [B, H, NKV]
+    exact_positions = plan.exact_positions.to(torch.int32).contiguous()  # [B, H, Ns, E]
+    exact_blocks = torch.gather(
+        kv_blocks[:, :, None, :].expand(-1, -1, num_sparse, -1), 3, plan.exact_positions
+    ).contiguous()  # [B, H, Ns, E] int32
+    config = _sparse_launch_config(q.device, dim)
+    _kernels().sparse_block_attention_kernel[(num_sparse, batch * heads)](
+        q, k, v, out_padded,
+        plan.key_means.contiguous(), plan.value_sums.contiguous(), plan.block_counts.to(torch.int32),
+        kv_blocks, plan.sparse_query_blocks.to(torch.int32).contiguous(), exact_positions, exact_blocks,
+        seq, heads, layout.num_blocks, num_kv, num_sparse, num_exact, _LOG2_E / math.sqrt(dim),
+        *q.stride(), *k.stride(), *v.stride(), *out_padded.stride(),
+        BLOCK=layout.block_size, HEAD_DIM=dim, BLOCK_KV=config["BLOCK_KV"],
+        EXACT_PAD=max(16, triton.next_power_of_2(num_exact)), DOT_IN_FP32=q.device.type == "cpu",
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+
+
+class TritonBackend:
+    """Triton kernels for pooling and the sparse half; CUDA, or CPU under TRITON_INTERPRET=1."""
+
+    name = "triton"
+
+    def check_inputs(self, q: torch.Tensor, config) -> None:
+        """Raise a clear ValueError for inputs the kernels cannot run."""
+        if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(
+                f"backend 'triton' supports head dims {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}; use backend='torch'"
+            )
+        if q.dtype not in SUPPORTED_DTYPES:
+            names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+            raise ValueError(f"backend 'triton' supports dtypes {names}, got {q.dtype}; use backend='torch'")
+        if config.block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(
+                f"backend 'triton' supports block sizes {SUPPORTED_BLOCK_SIZES}, got {config.block_size}; use backend='torch'"
+            )
+        if q.device.type == "cpu" and not interpreting():
+            raise ValueError(
+                "backend 'triton' needs CUDA tensors, got CPU tensors: use backend='torch', "
+                "or set TRITON_INTERPRET=1 to run the kernels on triton's CPU interpreter"
+            )
+        if q.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend 'triton' runs on CUDA (or CPU under TRITON_INTERPRET=1), got device {q.device}")
+
+    pool_blocks = staticmethod(pool_blocks)
+    sparse_block_attention = staticmethod(sparse_block_attention)

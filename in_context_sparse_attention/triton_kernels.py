@@ -1,0 +1,173 @@
+"""Triton kernels of ISA: block pooling and the sparse (exact top-E + Taylor) attention.
+
+Pointer arithmetic only (no block pointers), so the same source runs on triton 3.6 (GPU)
+and on triton 3.9's CPU interpreter (TRITON_INTERPRET=1). Host-side launching lives in
+`triton_backend.py`.
+
+Naming: `b_` a tile in registers, `o_` offsets, `m_` masks, upper case compile-time sizes.
+Token tensors are [B, S, H, D] with any strides; every softmax works in base 2 with the
+scale 1/sqrt(D) * log2(e) folded into one constant.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def pool_blocks_kernel(
+    x_ptr,  # [B, S, H, D], any strides
+    out_ptr,  # [B, H, NB, D] fp32, contiguous
+    seq_len,
+    heads,
+    num_blocks,
+    stride_xb,
+    stride_xs,
+    stride_xh,
+    stride_xd,
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """One program per (block, batch * head): the mean of the block's real tokens.
+
+    Contract: a partial last block is averaged over its `seq_len - block * BLOCK` real
+    tokens; padding positions are never loaded.
+    """
+    block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // heads
+    head = batch_head % heads
+    o_tok = block * BLOCK + tl.arange(0, BLOCK)
+    o_d = tl.arange(0, HEAD_DIM)
+    m_tok = o_tok < seq_len
+    x_ptrs = x_ptr + batch * stride_xb + head * stride_xh + o_tok[:, None] * stride_xs + o_d[None, :] * stride_xd
+    b_x = tl.load(x_ptrs, mask=m_tok[:, None], other=0.0).to(tl.float32)  # [BLOCK, D]
+    count = tl.minimum(seq_len - block * BLOCK, BLOCK)
+    b_mean = tl.sum(b_x, axis=0) / count  # [D]
+    tl.store(out_ptr + (batch_head * num_blocks + block) * HEAD_DIM + o_d, b_mean)
+
+
+@triton.jit
+def _dot(b_a, b_b, DOT_IN_FP32: tl.constexpr):
+    """b_a @ b_b with fp32 accumulation. DOT_IN_FP32 upcasts the (already rounded) operands
+    first: triton 3.9's CPU interpreter mis-reads 16-bit float operands of tl.dot."""
+    if DOT_IN_FP32:
+        return tl.dot(b_a.to(tl.float32), b_b.to(tl.float32))
+    return tl.dot(b_a, b_b)
+
+
+@triton.jit
+def _online_softmax_step(b_scores, m_i, l_i, b_acc, b_weights_for_sum, b_values, DOT_IN_FP32: tl.constexpr):
+    """Fold one tile of base-2 logits into the running state (m_i, l_i, b_acc).
+
+    b_scores: [BLOCK, N] base-2 logits, -inf where a column does not take part.
+    b_weights_for_sum: [N] multiplicity of each column in the denominator (token count
+    of a Taylor block, 1 for an exact key). b_values: [N, D] what each column adds.
+    Whenever the running max grows, everything accumulated so far is rescaled.
+    """
+    m_new = tl.maximum(m_i, tl.max(b_scores, axis=1))  # [BLOCK]
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet stays at 0
+    rescale = tl.exp2(m_i - m_safe)  # [BLOCK]
+    b_p = tl.exp2(b_scores - m_safe[:, None])  # [BLOCK, N]
+    l_i = l_i * rescale + tl.sum(b_p * b_weights_for_sum[None, :], axis=1)
+    b_acc = b_acc * rescale[:, None] + _dot(b_p.to(b_values.dtype), b_values, DOT_IN_FP32)
+    return m_new, l_i, b_acc
+
+
+@triton.jit
+def sparse_block_attention_kernel(
+    q_ptr,  # [B, S, H, D], any strides
+    k_ptr,  # [B, S, H, D]
+    v_ptr,  # [B, S, H, D]
+    out_ptr,  # [B, NB * BLOCK, H, D], any strides
+    key_means_ptr,  # [B, H, NB, D] fp32, contiguous: kbar
+    value_sums_ptr,  # [B, H, NB, D] fp32, contiguous: Vsum
+    block_counts_ptr,  # [NB] int32: real tokens per block
+    kv_blocks_ptr,  # [B, H, NKV] int32, contiguous: original block ids of the pruned set
+    sparse_blocks_ptr,  # [B, H, Ns] int32, contiguous: diffuse query block ids
+    exact_positions_ptr,  # [B, H, Ns, E] int32, contiguous: positions into kv_blocks
+    exact_blocks_ptr,  # [B, H, Ns, E] int32, contiguous: the same as original block ids
+    seq_len,
+    heads,
+    num_blocks,
+    num_kv,
+    num_sparse,
+    num_exact,
+    qk_scale_log2,  # 1/sqrt(D) * log2(e)
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ob, stride_os, stride_oh, stride_od,
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_KV: tl.constexpr,  # pruned blocks per Taylor tile
+    EXACT_PAD: tl.constexpr,  # power of two >= E
+    DOT_IN_FP32: tl.constexpr,  # True on the CPU interpreter (see _dot)
+):
+    """One program per (diffuse query block, batch * head).
+
+    out_q = (sum_{j in E} sum_{t in j} 2^{s_qt} v_t + sum_{j not in E} 2^{s_qj} Vsum_j)
+          / (sum_{j in E} sum_{t in j} 2^{s_qt}     + sum_{j not in E} n_j 2^{s_qj})
+    with s_qt = q.k_t * qk_scale_log2 and s_qj = q.kbar_j * qk_scale_log2, in one
+    online-softmax state over the Taylor tiles and then the exact blocks.
+
+    Contract: a partial key block (only the last block of the grid) contributes its
+    n_j real tokens, read through a mask; padding rows of a partial query block are
+    loaded as zeros and never stored, so out's padding rows are left as they were.
+    Every row sees E >= 1 exact blocks, each with at least one real token, so the
+    denominator is positive.
+    """
+    sparse_index = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // heads
+    head = batch_head % heads
+    dtype = q_ptr.dtype.element_ty
+
+    query_block = tl.load(sparse_blocks_ptr + batch_head * num_sparse + sparse_index)
+    o_q = query_block * BLOCK + tl.arange(0, BLOCK)
+    o_d = tl.arange(0, HEAD_DIM)
+    m_q = o_q < seq_len
+    q_ptrs = q_ptr + batch * stride_qb + head * stride_qh + o_q[:, None] * stride_qs + o_d[None, :] * stride_qd
+    b_q = tl.load(q_ptrs, mask=m_q[:, None], other=0.0)  # [BLOCK, D]
+
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+
+    table_row = (batch_head * num_sparse + sparse_index) * num_exact
+    o_e = tl.arange(0, EXACT_PAD)
+    b_exact_positions = tl.load(exact_positions_ptr + table_row + o_e, mask=o_e < num_exact, other=-1)  # [EXACT_PAD]
+
+    # Taylor terms: every pruned block that is not exact, through its mean key.
+    means_base = batch_head * num_blocks * HEAD_DIM
+    for kv_start in range(0, num_kv, BLOCK_KV):
+        o_kv = kv_start + tl.arange(0, BLOCK_KV)
+        m_kv = o_kv < num_kv
+        b_blocks = tl.load(kv_blocks_ptr + batch_head * num_kv + o_kv, mask=m_kv, other=0)  # [BLOCK_KV]
+        is_exact = tl.sum((o_kv[:, None] == b_exact_positions[None, :]).to(tl.int32), axis=1) > 0
+        m_taylor = m_kv & (is_exact == 0)
+        mean_offsets = means_base + b_blocks[:, None] * HEAD_DIM + o_d[None, :]  # [BLOCK_KV, D]
+        b_kbar = tl.load(key_means_ptr + mean_offsets, mask=m_taylor[:, None], other=0.0).to(dtype)
+        b_vsum = tl.load(value_sums_ptr + mean_offsets, mask=m_taylor[:, None], other=0.0).to(dtype)
+        b_counts = tl.load(block_counts_ptr + b_blocks, mask=m_taylor, other=0).to(tl.float32)  # [BLOCK_KV]
+        b_scores = _dot(b_q, tl.trans(b_kbar), DOT_IN_FP32) * qk_scale_log2  # [BLOCK, BLOCK_KV]
+        b_scores = tl.where(m_taylor[None, :], b_scores, float("-inf"))
+        m_i, l_i, b_acc = _online_softmax_step(b_scores, m_i, l_i, b_acc, b_counts, b_vsum, DOT_IN_FP32)
+
+    # Exact blocks: their real tokens, read from the original k and v through the table.
+    k_base = k_ptr + batch * stride_kb + head * stride_kh
+    v_base = v_ptr + batch * stride_vb + head * stride_vh
+    ones = tl.full([BLOCK], 1.0, dtype=tl.float32)
+    for e in range(0, num_exact):
+        key_block = tl.load(exact_blocks_ptr + table_row + e)
+        o_k = key_block * BLOCK + tl.arange(0, BLOCK)
+        m_k = o_k < seq_len
+        b_k = tl.load(k_base + o_k[:, None] * stride_ks + o_d[None, :] * stride_kd, mask=m_k[:, None], other=0.0)
+        b_v = tl.load(v_base + o_k[:, None] * stride_vs + o_d[None, :] * stride_vd, mask=m_k[:, None], other=0.0)
+        b_scores = _dot(b_q, tl.trans(b_k), DOT_IN_FP32) * qk_scale_log2  # [BLOCK, BLOCK]
+        b_scores = tl.where(m_k[None, :], b_scores, float("-inf"))
+        m_i, l_i, b_acc = _online_softmax_step(b_scores, m_i, l_i, b_acc, ones, b_v, DOT_IN_FP32)
+
+    b_out = b_acc / l_i[:, None]
+    out_ptrs = out_ptr + batch * stride_ob + head * stride_oh + o_q[:, None] * stride_os + o_d[None, :] * stride_od
+    tl.store(out_ptrs, b_out.to(out_ptr.dtype.element_ty), mask=m_q[:, None])
