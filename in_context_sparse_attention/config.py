@@ -33,7 +33,8 @@ class ISAConfig:
             raise ValueError(f"ISAConfig.block_size must be a positive int, got {self.block_size!r}")
         for name in ("select_ratio", "sparsity", "sharpness_ratio", "flat_ratio"):
             value = getattr(self, name)
-            low_ok = (lambda x: x >= 0.0) if name == "flat_ratio" else (lambda x: x > 0.0)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok(value) and value <= 1.0):
-                interval = "[0, 1]" if name == "flat_ratio" else "(0, 1]"
+            zero_allowed = name == "flat_ratio"
+            is_number = not isinstance(value, bool) and isinstance(value, (int, float))
+            if not is_number or not (value >= 0.0 if zero_allowed else value > 0.0) or value > 1.0:
+                interval = "[0, 1]" if zero_allowed else "(0, 1]"
                 raise ValueError(f"ISAConfig.{name} must be a number in {interval}, got {value!r}")
