@@ -80,7 +80,7 @@ def sparse_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
         seq, heads, layout.num_blocks, num_kv, num_sparse, num_exact, _LOG2_E / math.sqrt(dim),
         *q.stride(), *k.stride(), *v.stride(), *out_padded.stride(),
         BLOCK=layout.block_size, HEAD_DIM=dim, BLOCK_KV=config["BLOCK_KV"],
-        EXACT_PAD=max(16, triton.next_power_of_2(num_exact)), DOT_IN_FP32=q.device.type == "cpu",
+        EXACT_PAD=max(16, triton.next_power_of_2(num_exact)), INTERPRETER=q.device.type == "cpu",
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 

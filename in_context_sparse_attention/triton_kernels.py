@@ -48,16 +48,27 @@ def pool_blocks_kernel(
 
 
 @triton.jit
-def _dot(b_a, b_b, DOT_IN_FP32: tl.constexpr):
-    """b_a @ b_b with fp32 accumulation. DOT_IN_FP32 upcasts the (already rounded) operands
-    first: triton 3.9's CPU interpreter mis-reads 16-bit float operands of tl.dot."""
-    if DOT_IN_FP32:
+def _dot(b_a, b_b, INTERPRETER: tl.constexpr):
+    """b_a @ b_b with fp32 accumulation. On the CPU interpreter the (already rounded)
+    operands are upcast first: triton 3.9's interpreter mis-reads 16-bit float operands."""
+    if INTERPRETER:
         return tl.dot(b_a.to(tl.float32), b_b.to(tl.float32))
     return tl.dot(b_a, b_b)
 
 
 @triton.jit
-def _online_softmax_step(b_scores, m_i, l_i, b_acc, b_weights_for_sum, b_values, DOT_IN_FP32: tl.constexpr):
+def _round_to(b_x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+    """fp32 b_x rounded to `dtype` to nearest even, as the GPU does; triton 3.9's
+    interpreter truncates fp32 -> bf16, so there the rounding is done on the bits."""
+    if INTERPRETER and dtype == tl.bfloat16:
+        bits = b_x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    return b_x.to(dtype)
+
+
+@triton.jit
+def _online_softmax_step(b_scores, m_i, l_i, b_acc, b_weights_for_sum, b_values, INTERPRETER: tl.constexpr):
     """Fold one tile of base-2 logits into the running state (m_i, l_i, b_acc).
 
     b_scores: [BLOCK, N] base-2 logits, -inf where a column does not take part.
@@ -70,7 +81,7 @@ def _online_softmax_step(b_scores, m_i, l_i, b_acc, b_weights_for_sum, b_values,
     rescale = tl.exp2(m_i - m_safe)  # [BLOCK]
     b_p = tl.exp2(b_scores - m_safe[:, None])  # [BLOCK, N]
     l_i = l_i * rescale + tl.sum(b_p * b_weights_for_sum[None, :], axis=1)
-    b_acc = b_acc * rescale[:, None] + _dot(b_p.to(b_values.dtype), b_values, DOT_IN_FP32)
+    b_acc = b_acc * rescale[:, None] + _dot(_round_to(b_p, b_values.dtype, INTERPRETER), b_values, INTERPRETER)
     return m_new, l_i, b_acc
 
 
@@ -102,7 +113,7 @@ def sparse_block_attention_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_KV: tl.constexpr,  # pruned blocks per Taylor tile
     EXACT_PAD: tl.constexpr,  # power of two >= E
-    DOT_IN_FP32: tl.constexpr,  # True on the CPU interpreter (see _dot)
+    INTERPRETER: tl.constexpr,  # True on the CPU interpreter (see _dot, _round_to)
 ):
     """One program per (diffuse query block, batch * head).
 
@@ -147,12 +158,12 @@ def sparse_block_attention_kernel(
         is_exact = tl.sum((o_kv[:, None] == b_exact_positions[None, :]).to(tl.int32), axis=1) > 0
         m_taylor = m_kv & (is_exact == 0)
         mean_offsets = means_base + b_blocks[:, None] * HEAD_DIM + o_d[None, :]  # [BLOCK_KV, D]
-        b_kbar = tl.load(key_means_ptr + mean_offsets, mask=m_taylor[:, None], other=0.0).to(dtype)
-        b_vsum = tl.load(value_sums_ptr + mean_offsets, mask=m_taylor[:, None], other=0.0).to(dtype)
+        b_kbar = _round_to(tl.load(key_means_ptr + mean_offsets, mask=m_taylor[:, None], other=0.0), dtype, INTERPRETER)
+        b_vsum = _round_to(tl.load(value_sums_ptr + mean_offsets, mask=m_taylor[:, None], other=0.0), dtype, INTERPRETER)
         b_counts = tl.load(block_counts_ptr + b_blocks, mask=m_taylor, other=0).to(tl.float32)  # [BLOCK_KV]
-        b_scores = _dot(b_q, tl.trans(b_kbar), DOT_IN_FP32) * qk_scale_log2  # [BLOCK, BLOCK_KV]
+        b_scores = _dot(b_q, tl.trans(b_kbar), INTERPRETER) * qk_scale_log2  # [BLOCK, BLOCK_KV]
         b_scores = tl.where(m_taylor[None, :], b_scores, float("-inf"))
-        m_i, l_i, b_acc = _online_softmax_step(b_scores, m_i, l_i, b_acc, b_counts, b_vsum, DOT_IN_FP32)
+        m_i, l_i, b_acc = _online_softmax_step(b_scores, m_i, l_i, b_acc, b_counts, b_vsum, INTERPRETER)
 
     # Exact blocks: their real tokens, read from the original k and v through the table.
     k_base = k_ptr + batch * stride_kb + head * stride_kh
@@ -164,10 +175,10 @@ def sparse_block_attention_kernel(
         m_k = o_k < seq_len
         b_k = tl.load(k_base + o_k[:, None] * stride_ks + o_d[None, :] * stride_kd, mask=m_k[:, None], other=0.0)
         b_v = tl.load(v_base + o_k[:, None] * stride_vs + o_d[None, :] * stride_vd, mask=m_k[:, None], other=0.0)
-        b_scores = _dot(b_q, tl.trans(b_k), DOT_IN_FP32) * qk_scale_log2  # [BLOCK, BLOCK]
+        b_scores = _dot(b_q, tl.trans(b_k), INTERPRETER) * qk_scale_log2  # [BLOCK, BLOCK]
         b_scores = tl.where(m_k[None, :], b_scores, float("-inf"))
-        m_i, l_i, b_acc = _online_softmax_step(b_scores, m_i, l_i, b_acc, ones, b_v, DOT_IN_FP32)
+        m_i, l_i, b_acc = _online_softmax_step(b_scores, m_i, l_i, b_acc, ones, b_v, INTERPRETER)
 
     b_out = b_acc / l_i[:, None]
     out_ptrs = out_ptr + batch * stride_ob + head * stride_oh + o_q[:, None] * stride_os + o_d[None, :] * stride_od
-    tl.store(out_ptrs, b_out.to(out_ptr.dtype.element_ty), mask=m_q[:, None])
+    tl.store(out_ptrs, _round_to(b_out, out_ptr.dtype.element_ty, INTERPRETER), mask=m_q[:, None])

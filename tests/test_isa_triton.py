@@ -1,0 +1,264 @@
+"""Backend "triton" against backend "torch".
+
+Without CUDA the kernels run on triton's CPU interpreter (TRITON_INTERPRET=1, set here
+before the kernels are first defined), on awkward sizes small enough for it. Tests marked
+`gpu` run the compiled kernels up to 65,536 tokens. Every output buffer is NaN-poisoned
+first, so a row the kernel forgot to write (or wrote but should not have) shows.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from in_context_sparse_attention import ISAConfig, editing_sparse_attention  # noqa: E402
+from in_context_sparse_attention import reference  # noqa: E402
+from in_context_sparse_attention.backends import get_backend  # noqa: E402
+from in_context_sparse_attention.layout import BlockLayout  # noqa: E402
+from in_context_sparse_attention.selection import ISAPlan, make_plan  # noqa: E402
+from in_context_sparse_attention.triton_backend import interpreting  # noqa: E402
+
+needs_interpreter = pytest.mark.skipif(not interpreting(), reason="CPU interpreter tests need TRITON_INTERPRET=1")
+
+
+def relative_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def make_qkv(batch, seq, heads, dim, dtype, device="cpu", scale=1.0, non_contiguous=False, seed=0):
+    """Random q, k, v [B, S, H, D]; q scaled by `scale` (logits grow with it).
+
+    non_contiguous: views into a [B, H, S, 2D] buffer (strided on every axis)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    tensors = []
+    for i in range(3):
+        if non_contiguous:
+            x = torch.randn(batch, heads, seq, 2 * dim, generator=gen)[..., ::2].transpose(1, 2)
+        else:
+            x = torch.randn(batch, seq, heads, dim, generator=gen)
+        x = x * (scale if i == 0 else 1.0)
+        tensors.append(x.to(device=device, dtype=dtype))
+    return tensors
+
+
+def video_like_qkv(frames, height, width, heads, dim, dtype, device, seed=0):
+    """Structured q, k, v: smooth random fields over a (frame, height, width) grid for the
+    target, and a slightly perturbed copy for the source (S = 2 * frames * height * width)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    tensors = []
+    for _ in range(3):
+        coarse = torch.randn(1, heads * dim, max(2, frames // 4), max(2, height // 8), max(2, width // 8), generator=gen)
+        field = torch.nn.functional.interpolate(coarse, size=(frames, height, width), mode="trilinear", align_corners=False)
+        target = field.flatten(2).transpose(1, 2).reshape(1, -1, heads, dim) * 2.0
+        source = target + 0.1 * torch.randn(target.shape, generator=gen)
+        tensors.append(torch.cat([target, source], dim=1).to(device=device, dtype=dtype))
+    return tensors
+
+
+def plan_for(q, k, v, t_len, config):
+    """The block decisions from the torch backend's pooling, shared by both backends."""
+    layout = BlockLayout(seq_len=q.shape[1], target_len=t_len, block_size=config.block_size)
+    means = [reference.pool_blocks(x, layout) for x in (q, k, v)]
+    return make_plan(*means, layout, config)
+
+
+def poisoned_output(q, layout):
+    return torch.full((q.shape[0], layout.padded_len, q.shape[2], q.shape[3]), math.nan, dtype=q.dtype, device=q.device)
+
+
+def sparse_rows_mask(plan: ISAPlan) -> torch.Tensor:
+    """[B, NB * b, H] True at the real rows of each head's diffuse query blocks."""
+    layout = plan.layout
+    batch, heads, _ = plan.sparse_query_blocks.shape
+    is_sparse_block = torch.zeros(batch, heads, layout.num_blocks, dtype=torch.bool, device=plan.block_counts.device)
+    is_sparse_block.scatter_(2, plan.sparse_query_blocks, True)
+    rows = is_sparse_block.repeat_interleave(layout.block_size, dim=2).transpose(1, 2).clone()  # [B, NB * b, H]
+    rows[:, layout.seq_len :] = False
+    return rows
+
+
+def run_sparse(backend_name, q, k, v, plan):
+    out = poisoned_output(q, plan.layout)
+    get_backend(backend_name).sparse_block_attention(q, k, v, plan, out)
+    return out
+
+
+def check_written_rows(out, plan):
+    """The kernel wrote every real row of the diffuse blocks, and nothing else."""
+    rows = sparse_rows_mask(plan)
+    assert not out[rows].isnan().any(), "a diffuse query row was not written (or is NaN)"
+    assert out[~rows].isnan().all(), "the sparse kernel wrote outside the diffuse blocks' real rows"
+    return rows
+
+
+def slice_heads(plan: ISAPlan, heads: slice) -> ISAPlan:
+    """The plan restricted to a range of heads."""
+    per_head = ("key_means", "value_sums", "compressed_out", "kv_blocks", "full_query_blocks", "sparse_query_blocks", "exact_positions")
+    fields = {name: getattr(plan, name)[:, heads] for name in per_head}
+    return ISAPlan(layout=plan.layout, block_counts=plan.block_counts, **fields)
+
+
+def assert_within_precision(triton_out, torch_out, reference_out, rows, floor):
+    """The kernel's error against a float64 reference is at most twice the torch
+    backend's error at the same precision, plus a small floor."""
+    triton_error = relative_l2(triton_out[rows], reference_out[rows])
+    torch_error = relative_l2(torch_out[rows], reference_out[rows])
+    assert triton_error <= 2.0 * torch_error + floor, (triton_error, torch_error)
+
+
+AWKWARD_SIZES = [
+    # (T, C, B, H, D): T, C not multiples of 64; T < 64; a source with no full block;
+    # a partial last block; batch 2; 3 heads; D 64 and 128
+    (100, 90, 2, 3, 64),
+    (40, 300, 1, 3, 128),
+    (130, 50, 1, 2, 64),
+    (128, 192, 1, 2, 64),
+    (1, 63, 1, 1, 64),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seq, non_contiguous", [(1, False), (63, True), (65, False), (113, True), (256, False)])
+def test_pool_blocks_matches_torch(seq, non_contiguous, dtype):
+    layout = BlockLayout(seq_len=seq, target_len=max(1, seq // 3), block_size=64)
+    x = make_qkv(2, seq, 3, 64, dtype, non_contiguous=non_contiguous)[0]
+    got = get_backend("triton").pool_blocks(x, layout)
+    want = reference.pool_blocks(x, layout)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("t_len, c_len, batch, heads, dim", AWKWARD_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_kernel_matches_torch(t_len, c_len, batch, heads, dim, dtype):
+    q, k, v = make_qkv(batch, t_len + c_len, heads, dim, dtype, non_contiguous=(dim == 64), seed=t_len)
+    plan = plan_for(q, k, v, t_len, ISAConfig(select_ratio=0.5, sparsity=0.25))
+    triton_out = run_sparse("triton", q, k, v, plan)
+    rows = check_written_rows(triton_out, plan)
+    reference_out = run_sparse("torch", q.double(), k.double(), v.double(), plan)
+    if dtype == torch.float32:
+        assert relative_l2(triton_out[rows], reference_out[rows]) < 1e-5
+    else:
+        torch_out = run_sparse("torch", q, k, v, plan)
+        assert_within_precision(triton_out, torch_out, reference_out, rows, floor=1e-3)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("logit_scale", [1.0, 4.0, 16.0])
+def test_sparse_kernel_rescales_everything_when_the_max_grows(logit_scale):
+    """Large logits make the running max jump between the Taylor and the exact tiles;
+    a Taylor part that missed the rescaling would be off by orders of magnitude."""
+    q, k, v = make_qkv(1, 320, 2, 64, torch.float32, scale=logit_scale, seed=7)
+    plan = plan_for(q, k, v, 160, ISAConfig(select_ratio=1.0, sparsity=0.2, flat_ratio=0.0))
+    triton_out = run_sparse("triton", q, k, v, plan)
+    rows = check_written_rows(triton_out, plan)
+    reference_out = run_sparse("torch", q.double(), k.double(), v.double(), plan)
+    assert relative_l2(triton_out[rows], reference_out[rows]) < 1e-5
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "t_len, c_len, alpha_kind, non_contiguous",
+    [(100, 90, "none", False), (40, 300, "float", True), (130, 50, "tensor", False), (200, 13, "tensor", True)],
+)
+def test_end_to_end_matches_torch(t_len, c_len, alpha_kind, non_contiguous):
+    q, k, v = make_qkv(2, t_len + c_len, 3, 64, torch.float32, non_contiguous=non_contiguous, seed=c_len)
+    alpha = {"none": None, "float": 0.3, "tensor": torch.rand(2, t_len + c_len, 1, 1) - 0.5}[alpha_kind]
+    config = ISAConfig(select_ratio=0.5)
+    got = editing_sparse_attention(q, k, v, t_len, c_len, alpha=alpha, config=config, backend="triton")
+    want = editing_sparse_attention(q, k, v, t_len, c_len, alpha=alpha, config=config, backend="torch")
+    assert got.shape == q.shape and got.dtype == q.dtype
+    assert relative_l2(got, want) < 1e-5
+
+
+@needs_interpreter
+def test_taylor_term_is_exact_when_keys_are_constant_in_blocks():
+    """Keys equal inside each block: every block's mean key is its keys, so ISA with all
+    source blocks kept and every query block on the sparse kernel equals dense attention."""
+    batch, t_len, c_len, heads, dim = 1, 128, 192, 2, 64
+    q, k, v = make_qkv(batch, t_len + c_len, heads, dim, torch.float64, seed=3)
+    block_keys = k[:, ::64]  # [B, NB, H, D]
+    k = block_keys.repeat_interleave(64, dim=1)
+    config = ISAConfig(select_ratio=1.0, sparsity=0.2, flat_ratio=0.0)
+    got = editing_sparse_attention(q.float(), k.float(), v.float(), t_len, c_len, config=config, backend="triton")
+    dense = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dim), dim=-1)
+    want = torch.einsum("bhqk,bkhd->bqhd", dense, v)
+    assert relative_l2(got, want) < 1e-5
+
+
+def test_unsupported_head_dim_is_refused():
+    q, k, v = make_qkv(1, 80, 2, 32, torch.float32)
+    with pytest.raises(ValueError, match=r"head dims \(64, 128\)"):
+        editing_sparse_attention(q, k, v, 40, 40, backend="triton")
+
+
+def test_unsupported_dtype_is_refused():
+    q, k, v = make_qkv(1, 80, 2, 64, torch.float64)
+    with pytest.raises(ValueError, match="supports dtypes"):
+        editing_sparse_attention(q, k, v, 40, 40, backend="triton")
+
+
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = make_qkv(1, 80, 2, 64, torch.float32)
+    with pytest.raises(ValueError, match=r"backend='torch'.*TRITON_INTERPRET=1"):
+        editing_sparse_attention(q, k, v, 40, 40, backend="triton")
+
+
+GPU_CASES = [
+    # (T, C, B, H, D)
+    (32768, 32768, 1, 40, 128),
+    (1000, 1023, 2, 3, 64),
+    (4097, 3001, 1, 5, 128),
+    (40, 5000, 1, 4, 128),
+]
+REFERENCE_HEADS = slice(0, 4)  # heads checked against float64 (all heads run)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t_len, c_len, batch, heads, dim", GPU_CASES)
+@pytest.mark.parametrize("inputs", ["random", "video"])
+def test_gpu_sparse_kernel_within_bf16_precision(t_len, c_len, batch, heads, dim, inputs):
+    if inputs == "video" and (batch, t_len) != (1, 32768):
+        pytest.skip("video-like inputs are built for the 65,536-token case")
+    if inputs == "video":
+        q, k, v = video_like_qkv(8, 64, 64, heads, dim, torch.bfloat16, "cuda")
+    else:
+        q, k, v = make_qkv(batch, t_len + c_len, heads, dim, torch.bfloat16, device="cuda", seed=t_len)
+    plan = plan_for(q, k, v, t_len, ISAConfig())
+    triton_out = run_sparse("triton", q, k, v, plan)
+    check_written_rows(triton_out, plan)
+    part = slice_heads(plan, REFERENCE_HEADS)
+    q, k, v = (x[:, :, REFERENCE_HEADS] for x in (q, k, v))
+    reference_out = run_sparse("torch", q.double(), k.double(), v.double(), part)
+    torch_out = run_sparse("torch", q, k, v, part)
+    assert_within_precision(triton_out[:, :, REFERENCE_HEADS], torch_out, reference_out, sparse_rows_mask(part), floor=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t_len, c_len, batch, heads, dim", GPU_CASES)
+def test_gpu_pool_blocks_matches_torch(t_len, c_len, batch, heads, dim):
+    layout = BlockLayout(seq_len=t_len + c_len, target_len=t_len, block_size=64)
+    x = make_qkv(batch, t_len + c_len, heads, dim, torch.bfloat16, device="cuda", non_contiguous=True)[0]
+    torch.testing.assert_close(get_backend("triton").pool_blocks(x, layout), reference.pool_blocks(x, layout), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t_len, c_len, batch, heads, dim", GPU_CASES)
+def test_gpu_end_to_end_within_bf16_precision(t_len, c_len, batch, heads, dim):
+    """Both backends in bf16 against the torch backend on the same inputs upcast to fp32
+    (same block decisions, fp32 arithmetic throughout)."""
+    q, k, v = make_qkv(batch, t_len + c_len, heads, dim, torch.bfloat16, device="cuda", seed=c_len)
+    alpha = (torch.rand(batch, t_len + c_len, 1, 1, device="cuda") - 0.5) * 0.5
+    run = lambda backend, *qkv: editing_sparse_attention(*qkv, t_len, c_len, alpha=alpha, backend=backend)  # noqa: E731
+    triton_out = run("triton", q, k, v)
+    assert not triton_out.isnan().any()
+    reference_out = run("torch", q.float(), k.float(), v.float())
+    torch_out = run("torch", q, k, v)
+    every_row = torch.ones(triton_out.shape[:3], dtype=torch.bool, device="cuda")
+    assert_within_precision(triton_out, torch_out, reference_out, every_row, floor=1e-3)
