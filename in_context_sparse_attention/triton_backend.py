@@ -34,13 +34,6 @@ def _kernels():
     return triton_kernels
 
 
-def _sparse_launch_config(device: torch.device, head_dim: int) -> dict:
-    """Tile sizes and launch parameters of the sparse kernel (tuned on an H100)."""
-    if device.type != "cuda":
-        return {"BLOCK_KV": 64, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_KV": 64, "num_warps": 4, "num_stages": 3 if head_dim <= 128 else 2}
-
-
 def pool_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """Mean of x over each block, padding excluded: [B, S, H, D] -> [B, H, NB, D] fp32."""
     batch, seq, heads, dim = x.shape
@@ -72,16 +65,20 @@ def sparse_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
     exact_blocks = torch.gather(
         kv_blocks[:, :, None, :].expand(-1, -1, num_sparse, -1), 3, plan.exact_positions
     ).contiguous()  # [B, H, Ns, E] int32
-    config = _sparse_launch_config(q.device, dim)
-    _kernels().sparse_block_attention_kernel[(num_sparse, batch * heads)](
+    kernels = _kernels()
+    if q.device.type == "cuda":
+        kernel, tiles = kernels.sparse_block_attention_kernel_tuned, {}
+    else:  # the interpreter: one small, fixed configuration
+        kernel, tiles = kernels.sparse_block_attention_kernel, {"BLOCK_KV": 64, "num_warps": 4, "num_stages": 1}
+    kernel[(num_sparse, batch * heads)](
         q, k, v, out_padded,
         plan.key_means.contiguous(), plan.value_sums.contiguous(), plan.block_counts.to(torch.int32),
         kv_blocks, plan.sparse_query_blocks.to(torch.int32).contiguous(), exact_positions, exact_blocks,
         seq, heads, layout.num_blocks, num_kv, num_sparse, num_exact, _LOG2_E / math.sqrt(dim),
         *q.stride(), *k.stride(), *v.stride(), *out_padded.stride(),
-        BLOCK=layout.block_size, HEAD_DIM=dim, BLOCK_KV=config["BLOCK_KV"],
+        BLOCK=layout.block_size, HEAD_DIM=dim,
         EXACT_PAD=max(16, triton.next_power_of_2(num_exact)), INTERPRETER=q.device.type == "cpu",
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        **tiles,
     )
 
 

@@ -182,3 +182,15 @@ def sparse_block_attention_kernel(
     b_out = b_acc / l_i[:, None]
     out_ptrs = out_ptr + batch * stride_ob + head * stride_oh + o_q[:, None] * stride_os + o_d[None, :] * stride_od
     tl.store(out_ptrs, _round_to(b_out, out_ptr.dtype.element_ty, INTERPRETER), mask=m_q[:, None])
+
+
+SPARSE_TUNING_CONFIGS = [
+    triton.Config({"BLOCK_KV": block_kv}, num_warps=warps, num_stages=stages)
+    for block_kv in (64, 128)
+    for warps in (4, 8)
+    for stages in (2, 3)
+]
+# GPU entry: tuned once per (head dim, block size, NKV, E) on the first call.
+sparse_block_attention_kernel_tuned = triton.autotune(
+    configs=SPARSE_TUNING_CONFIGS, key=["num_kv", "num_exact", "HEAD_DIM", "BLOCK"]
+)(sparse_block_attention_kernel)

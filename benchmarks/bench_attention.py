@@ -1,0 +1,267 @@
+"""Attention benchmark: every working ISA backend against dense PyTorch SDPA (cuDNN, flash).
+
+For each S (T = C = S/2, B = 1, H = 40, D = 128, bf16 by default) it prints and records:
+median time (triton.testing.do_bench, CUDA events) of dense SDPA on its cuDNN and flash
+backends and of each ISA backend; speed-ups against both; ISA's (alpha = 0) relative L2
+error and cosine similarity against dense attention on random inputs and on a structured
+video-like input; and, for the Triton backend, the time of each stage. A backend whose
+output disagrees with the "torch" reference backend gets no speed-up reported.
+
+    python benchmarks/bench_attention.py --json docs/benchmarks_attention.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from in_context_sparse_attention import BACKEND_NAMES, ISAConfig, editing_sparse_attention
+from in_context_sparse_attention.backends import get_backend
+from in_context_sparse_attention.dense import dense_attention
+from in_context_sparse_attention.full_attention import full_block_attention, gather_tokens, pruned_kv_token_ids
+from in_context_sparse_attention.layout import BlockLayout
+from in_context_sparse_attention.selection import make_plan
+
+DENSE_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION}
+REFERENCE_AGREEMENT = 1e-2  # max relative L2 between a kernel backend and the "torch" backend
+
+
+def environment() -> dict:
+    """Machine, GPU and library versions."""
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python"] + sys.argv),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "triton": triton.__version__,
+        "device": torch.cuda.get_device_name(),
+    }
+    try:
+        import tilelang
+
+        info["tilelang"] = tilelang.__version__
+    except ImportError:
+        info["tilelang"] = None
+    return info
+
+
+def random_qkv(seq: int, heads: int, dim: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """Independent standard normal q, k, v: [1, S, H, D]."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(1, seq, heads, dim, generator=gen, device="cuda").to(dtype) for _ in range(3)]
+
+
+def video_like_qkv(seq: int, heads: int, dim: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """Smooth random fields over a (frame, 32, 32) grid for the target half; the source
+    half is the same field plus 10% noise (an edit whose source is close to its target).
+    Returns q, k, v: [1, S, H, D] with T = C = S/2."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    frames = seq // 2 // (32 * 32)
+    tensors = []
+    for _ in range(3):
+        coarse = torch.randn(1, heads * dim, max(2, frames // 4), 4, 4, generator=gen, device="cuda")
+        field = F.interpolate(coarse, size=(frames, 32, 32), mode="trilinear", align_corners=False)
+        target = field.flatten(2).transpose(1, 2).reshape(1, -1, heads, dim) * 2.0  # [1, T, H, D]
+        source = target + 0.1 * torch.randn(target.shape, generator=gen, device="cuda")
+        tensors.append(torch.cat([target, source], dim=1).to(dtype))
+        del coarse, field, target, source
+    return tensors
+
+
+def dense_sdpa(q, k, v, backend: SDPBackend) -> torch.Tensor:
+    """Dense attention on one SDPA backend: [B, S, H, D] in and out."""
+    with sdpa_kernel(backend):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def agreement(x: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Relative L2 error and cosine similarity of x against ref (in fp32)."""
+    x, ref = x.float().flatten(), ref.float().flatten()
+    return {
+        "rel_l2": ((x - ref).norm() / ref.norm()).item(),
+        "cosine": F.cosine_similarity(x, ref, dim=0).item(),
+        "finite": bool(torch.isfinite(x).all()),
+    }
+
+
+def median_ms(fn, warmup: int, rep: int) -> float:
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def working_backends(names: list[str]) -> list[str]:
+    """The ISA backends that import and run a small CUDA case; the others are reported."""
+    q, k, v = random_qkv(300, 2, 128, torch.bfloat16, seed=1)
+    reference = editing_sparse_attention(q, k, v, 150, 150, backend="torch")
+    usable = []
+    for name in names:
+        try:
+            out = editing_sparse_attention(q, k, v, 150, 150, backend=name)
+        except Exception as error:  # any failure to import, compile or run: not usable here
+            print(f"backend {name!r} skipped: {error}")
+            continue
+        err = agreement(out, reference)["rel_l2"]
+        if err > REFERENCE_AGREEMENT:
+            print(f"backend {name!r} skipped: relative L2 {err:.2e} against 'torch' on a small case")
+            continue
+        usable.append(name)
+    return usable
+
+
+def stage_breakdown(q, k, v, t_len: int, c_len: int, backend: str, config: ISAConfig, iters: int) -> dict:
+    """Median ms of each stage of `editing_sparse_attention` (its steps, run one by one
+    between CUDA events), with a per-token alpha tensor as the model passes it."""
+    impl = get_backend(backend)
+    layout = BlockLayout(seq_len=q.shape[1], target_len=t_len, block_size=config.block_size)
+    alpha = torch.rand(1, q.shape[1], 1, 1, device="cuda") * 0.25
+    names = ["pooling", "selection", "full part (gather + dense + scatter)", "sparse kernel", "residual and output"]
+    samples = {name: [] for name in names}
+    for _ in range(iters + 3):
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(len(names) + 1)]
+        events[0].record()
+        means = [impl.pool_blocks(x, layout) for x in (q, k, v)]
+        events[1].record()
+        plan = make_plan(*means, layout, config)
+        events[2].record()
+        out_padded = torch.empty(1, layout.padded_len, q.shape[2], q.shape[3], dtype=q.dtype, device="cuda")
+        full_block_attention(q, k, v, plan, out_padded)
+        events[3].record()
+        impl.sparse_block_attention(q, k, v, plan, out_padded)
+        events[4].record()
+        block_of_token = torch.arange(layout.seq_len, device="cuda") // layout.block_size
+        shortcut = plan.compressed_out[:, :, block_of_token].transpose(1, 2)
+        (out_padded[:, : layout.seq_len].to(shortcut.dtype) + alpha * shortcut).to(q.dtype)
+        events[5].record()
+        torch.cuda.synchronize()
+        for i, name in enumerate(names):
+            samples[name].append(events[i].elapsed_time(events[i + 1]))
+    result = {name: statistics.median(times[3:]) for name, times in samples.items()}
+    result["total (with alpha tensor)"] = sum(result[name] for name in names)
+
+    q_ids = (plan.full_query_blocks[..., None] * layout.block_size + torch.arange(layout.block_size, device="cuda")).flatten(-2)
+    kv_ids = pruned_kv_token_ids(plan)
+    q_rows = gather_tokens(q.transpose(1, 2), q_ids.clamp(max=layout.seq_len - 1))
+    k_rows, v_rows = (gather_tokens(x.transpose(1, 2), kv_ids) for x in (k, v))
+    result["of which dense kernel alone"] = median_ms(lambda: dense_attention(q_rows, k_rows, v_rows, layout="bhsd"), 50, 300)
+    result["shapes"] = {"full_query_tokens": q_rows.shape[2], "pruned_kv_tokens": k_rows.shape[2]}
+    if backend == "triton":
+        from in_context_sparse_attention import triton_kernels
+
+        result["shapes"]["sparse_kernel_config"] = str(triton_kernels.sparse_block_attention_kernel_tuned.best_config)
+    return result
+
+
+def run_size(seq: int, args, backends: list[str]) -> dict:
+    t_len = c_len = seq // 2
+    config = ISAConfig()
+    dtype = getattr(torch, args.dtype)
+    row = {"seq_len": seq, "target_len": t_len, "source_len": c_len, "heads": args.heads, "head_dim": args.dim, "dtype": args.dtype}
+    q, k, v = random_qkv(seq, args.heads, args.dim, dtype, seed=seq)
+
+    row["dense_ms"] = {name: median_ms(lambda: dense_sdpa(q, k, v, b), args.warmup, args.rep) for name, b in DENSE_BACKENDS.items()}
+    dense_out = dense_sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
+    torch_out = editing_sparse_attention(q, k, v, t_len, c_len, config=config, backend="torch")
+    row["isa"] = {}
+    for name in backends:
+        fn = lambda: editing_sparse_attention(q, k, v, t_len, c_len, config=config, backend=name)  # noqa: E731
+        out = fn()
+        entry = {"vs_dense_random": agreement(out, dense_out), "vs_torch_backend": agreement(out, torch_out)}
+        entry["correct"] = entry["vs_torch_backend"]["finite"] and entry["vs_torch_backend"]["rel_l2"] <= REFERENCE_AGREEMENT
+        entry["ms"] = median_ms(fn, args.warmup, args.rep)
+        entry["speedup"] = (
+            {dense: row["dense_ms"][dense] / entry["ms"] for dense in DENSE_BACKENDS} if entry["correct"] else None
+        )
+        row["isa"][name] = entry
+    del dense_out, torch_out
+
+    if "triton" in backends and seq in args.breakdown_at:
+        row["triton_breakdown_ms"] = stage_breakdown(q, k, v, t_len, c_len, "triton", config, iters=10)
+    del q, k, v
+    q, k, v = video_like_qkv(seq, args.heads, args.dim, dtype, seed=seq + 1)
+    dense_out = dense_sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
+    for name in backends:
+        out = editing_sparse_attention(q, k, v, t_len, c_len, config=config, backend=name)
+        row["isa"][name]["vs_dense_video"] = agreement(out, dense_out)
+    del q, k, v, dense_out
+    torch.cuda.empty_cache()
+    return row
+
+
+def markdown_table(rows: list[dict], backends: list[str]) -> str:
+    lines = [
+        "| S | dense cuDNN ms | dense flash ms | ISA backend | ISA ms | speed-up vs cuDNN | vs flash "
+        "| rel L2 / cos vs dense (random) | rel L2 / cos vs dense (video-like) |",
+        "| ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for row in rows:
+        for name in backends:
+            entry = row["isa"][name]
+            speed = entry["speedup"]
+            ups = (f"{speed['sdpa_cudnn']:.2f}x", f"{speed['sdpa_flash']:.2f}x") if speed else ("refused", "refused")
+            rnd, vid = entry["vs_dense_random"], entry["vs_dense_video"]
+            lines.append(
+                f"| {row['seq_len']:,} | {row['dense_ms']['sdpa_cudnn']:.1f} | {row['dense_ms']['sdpa_flash']:.1f} | {name} "
+                f"| {entry['ms']:.1f} | {ups[0]} | {ups[1]} | {rnd['rel_l2']:.3f} / {rnd['cosine']:.4f} "
+                f"| {vid['rel_l2']:.3f} / {vid['cosine']:.4f} |"
+            )
+    return "\n".join(lines)
+
+
+def breakdown_table(rows: list[dict]) -> str:
+    lines = []
+    for row in rows:
+        stages = row.get("triton_breakdown_ms")
+        if not stages:
+            continue
+        lines += [f"Triton ISA stages at S = {row['seq_len']:,} (median ms, alpha tensor):", "", "| stage | ms |", "| --- | ---: |"]
+        lines += [f"| {name} | {ms:.2f} |" for name, ms in stages.items() if name != "shapes"]
+        lines += ["", f"shapes: {stages['shapes']}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
+    parser.add_argument("--heads", type=int, default=40)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--backends", nargs="+", default=list(BACKEND_NAMES), help="ISA backends to try")
+    parser.add_argument("--breakdown-at", type=int, nargs="*", default=[65536], help="S values with a Triton stage breakdown")
+    parser.add_argument("--warmup", type=int, default=100, help="do_bench warm-up, ms")
+    parser.add_argument("--rep", type=int, default=500, help="do_bench repetition, ms")
+    parser.add_argument("--json", default="docs/benchmarks_attention.json")
+    parser.add_argument("--markdown", default=None, help="also write the tables to this file")
+    args = parser.parse_args()
+
+    env = environment()
+    for key, value in env.items():
+        print(f"{key}: {value}")
+    print(f"shapes: B=1, H={args.heads}, D={args.dim}, {args.dtype}, T = C = S/2, S in {args.seq_lens}; ISA {ISAConfig()}")
+    backends = working_backends(args.backends)
+    print(f"ISA backends: {backends}")
+    rows = []
+    for seq in args.seq_lens:
+        rows.append(run_size(seq, args, backends))
+        print(json.dumps(rows[-1]), flush=True)
+    tables = markdown_table(rows, backends) + "\n\n" + breakdown_table(rows)
+    with open(args.json, "w") as handle:
+        json.dump({"environment": env, "backends": backends, "results": rows}, handle, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(tables + "\n")
+    print(tables)
+
+
+if __name__ == "__main__":
+    main()
