@@ -198,3 +198,11 @@ def test_index_naming_a_missing_shard_is_refused(tmp_path):
     next(folder.glob("*-00002-of-00003.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="lists shard files.*00002-of-00003"):
         load_dit(folder)
+
+
+@pytest.mark.gpu
+def test_loads_straight_to_cuda_in_bf16(tmp_path):
+    state = random_state(0)
+    model = load_dit(write_folder(tmp_path / "expert", state), device="cuda")
+    assert all(p.device.type == "cuda" and p.dtype == torch.bfloat16 for p in model.parameters())
+    assert_loaded(model.cpu(), state, torch.bfloat16)

@@ -1,0 +1,242 @@
+"""One full WanDiT forward with dense self-attention and with ISA, at LIVEditor's working size.
+
+Default shape: 81 frames at 544x960 -> latent [1, 16, 21, 68, 120] -> T = C = 21*34*60 =
+42,840 tokens (S = 85,680), batch 1, random bf16 weights made on the GPU (the 14B model is
+never built on the host). For each backend: seconds per forward (median of --repeats after
+one warm-up forward that also pays Triton autotuning / TileLang compilation), peak GPU
+memory, and the time spent inside the self-attention op (CUDA events around each call;
+projections, RoPE and cross-attention excluded), hence attention's share of the forward.
+ISA outputs are compared with the dense output; no speed-up is reported for a backend whose
+output is not finite.
+
+    python benchmarks/bench_dit.py --json out.json            # the 14B model on a GPU
+    python benchmarks/bench_dit.py --tiny --frames 5 --height 64 --width 64 --backends dense,torch  # CPU check
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds model.py
+
+import model as model_module  # noqa: E402
+from in_context_sparse_attention import ISAConfig  # noqa: E402
+from model import TINY_CONFIG, WanDiT  # noqa: E402
+
+
+class AttentionTimer:
+    """Times every self-attention op of a forward (q and k of equal length), cross-attention excluded."""
+
+    def __init__(self, use_cuda: bool):
+        self.use_cuda = use_cuda
+        self.spans = []
+
+    def wrap(self, fn):
+        def timed(q, k, v, *args, **kwargs):
+            if q.shape[1] != k.shape[1]:
+                return fn(q, k, v, *args, **kwargs)
+            if self.use_cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(q, k, v, *args, **kwargs)
+                end.record()
+            else:
+                start = time.perf_counter()
+                out = fn(q, k, v, *args, **kwargs)
+                end = time.perf_counter()
+            self.spans.append((start, end))
+            return out
+
+        return timed
+
+    def take_seconds(self) -> float:
+        """Seconds spent in the recorded calls (synchronises first); clears the record."""
+        if self.use_cuda:
+            torch.cuda.synchronize()
+            total = sum(s.elapsed_time(e) for s, e in self.spans) / 1000.0
+        else:
+            total = sum(e - s for s, e in self.spans)
+        self.spans = []
+        return total
+
+
+def build_random_model(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> WanDiT:
+    """Random weights straight on `device`: built on meta in `dtype`, then materialised there.
+
+    Wan's init zeroes the head, which would make every backend's output identical; the head
+    gets N(0, 0.02) so that the dense-vs-ISA comparison means something.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = WanDiT(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.init_weights()
+        for block in model.blocks:
+            for norm in (block.self_attn.norm_q, block.self_attn.norm_k, block.cross_attn.norm_q, block.cross_attn.norm_k):
+                norm.weight.fill_(1.0)
+            block.norm3.weight.fill_(1.0)
+            block.norm3.bias.zero_()
+            block.modulation.normal_(0.0, config.get("dim", 5120) ** -0.5)
+        model.head.modulation.normal_(0.0, config.get("dim", 5120) ** -0.5)
+        model.head.head.weight.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_backend(model, backend, isa_config, inputs, repeats, device, timer):
+    """Warm-up plus `repeats` timed forwards -> (result dict, last output)."""
+    model.set_attention(backend, None if backend == "dense" else isa_config)
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(*inputs)
+        synchronize(device)
+        warmup = time.perf_counter() - start
+        timer.take_seconds()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        totals, attention = [], []
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            out = model(*inputs)
+            synchronize(device)
+            totals.append(time.perf_counter() - start)
+            attention.append(timer.take_seconds())
+    result = {
+        "backend": backend,
+        "seconds_per_forward": statistics.median(totals),
+        "all_seconds": totals,
+        "attention_seconds": statistics.median(attention),
+        "warmup_seconds": warmup,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+    result["attention_share"] = result["attention_seconds"] / result["seconds_per_forward"]
+    return result, out.float()
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "tilelang", "diffusers"):
+        try:
+            found[name] = importlib.import_module(name).__version__
+        except ImportError:
+            found[name] = None
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=81, help="video frames (4k+1); latent frames = (frames - 1) / 4 + 1")
+    parser.add_argument("--height", type=int, default=544)
+    parser.add_argument("--width", type=int, default=960)
+    parser.add_argument("--backends", default="dense,triton,tilelang", help="comma-separated: dense, torch, triton, tilelang")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="the tiny test model instead of the 14B one")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = dict(TINY_CONFIG) if args.tiny else {}
+    latent_shape = (1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+    tokens = latent_shape[2] * (latent_shape[3] // 2) * (latent_shape[4] // 2)
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.node(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": versions(),
+        "model": "tiny" if args.tiny else "Wan 2.2 A14B expert + LIVEditor (random weights)",
+        "dtype": str(dtype),
+        "latent_shape": latent_shape,
+        "target_tokens": tokens,
+        "source_tokens": tokens,
+        "isa_config": dataclasses.asdict(ISAConfig()),
+    }
+    print(json.dumps(info, indent=1))
+
+    start = time.perf_counter()
+    model = build_random_model(config, device, dtype, args.seed)
+    synchronize(device)
+    info["build_seconds"] = time.perf_counter() - start
+    info["parameters"] = model.parameter_report()
+    print(f"model built in {info['build_seconds']:.1f} s: {info['parameters']}")
+
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    text_dim = model.config.text_dim
+    inputs = (
+        torch.randn(latent_shape, generator=g).to(device),
+        torch.randn(latent_shape, generator=g).to(device),
+        torch.tensor([500.0], device=device),
+        [torch.randn(120, text_dim, generator=g).to(device=device, dtype=dtype)],
+    )
+
+    timer = AttentionTimer(device.type == "cuda")
+    model_module.dense_attention = timer.wrap(model_module.dense_attention)
+    model_module.editing_sparse_attention = timer.wrap(model_module.editing_sparse_attention)
+
+    results, reference = [], None
+    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        try:
+            result, out = run_backend(model, backend, ISAConfig(), inputs, args.repeats, device, timer)
+        except ValueError as error:
+            print(f"{backend}: skipped: {error}")
+            results.append({"backend": backend, "skipped": str(error)})
+            continue
+        result["finite"] = bool(torch.isfinite(out).all())
+        if backend == "dense":
+            reference = out
+        elif reference is not None:
+            result["rel_l2_error_vs_dense"] = float((out - reference).norm() / reference.norm())
+            result["cosine_vs_dense"] = float(torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0))
+        results.append(result)
+        print(json.dumps(result))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    dense = next((r for r in results if r["backend"] == "dense" and "skipped" not in r), None)
+    lines = [
+        "| self-attention | s / forward | attention s | attention share | peak GPU GiB | speed-up vs dense | rel. L2 error vs dense |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        if "skipped" in r:
+            lines.append(f"| {r['backend']} | skipped: {r['skipped'].splitlines()[0][:80]} | | | | | |")
+            continue
+        speedup = "refused (output not finite)" if not r["finite"] else (
+            f"{dense['seconds_per_forward'] / r['seconds_per_forward']:.2f}x" if dense else "n/a")
+        peak = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "n/a"
+        error = f"{r['rel_l2_error_vs_dense']:.3f}" if "rel_l2_error_vs_dense" in r else "-"
+        lines.append(
+            f"| {r['backend']} | {r['seconds_per_forward']:.2f} | {r['attention_seconds']:.2f} | "
+            f"{100 * r['attention_share']:.0f}% | {peak} | {speedup} | {error} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "results": results, "table": table}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
