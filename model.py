@@ -275,11 +275,12 @@ class WanAttentionBlock(nn.Module):
         """
         # modulation in fp32: shift/scale/gate for attention, then for the FFN, each [B, 1, dim]
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float().unsqueeze(0) + time_mod).unbind(2)
-        y = self.self_attn(self.norm1(x) * (1 + scale_sa) + shift_sa, freqs, target_len)
-        x = x + y.float() * gate_sa
+        # addcmul: one fp32 pass each for modulate (shift + norm * (1 + scale)) and gated residual
+        y = self.self_attn(torch.addcmul(shift_sa, self.norm1(x), 1 + scale_sa), freqs, target_len)
+        x = torch.addcmul(x, y.float(), gate_sa)
         x = x + self.cross_attn(self.norm3(x), context).float()
-        y = self.ffn((self.norm2(x) * (1 + scale_ff) + shift_ff).to(self.ffn[0].weight.dtype))
-        return x + y.float() * gate_ff
+        y = self.ffn(torch.addcmul(shift_ff, self.norm2(x), 1 + scale_ff).to(self.ffn[0].weight.dtype))
+        return torch.addcmul(x, y.float(), gate_ff)
 
 
 class WanHead(nn.Module):

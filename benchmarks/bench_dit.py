@@ -211,6 +211,9 @@ def main() -> None:
             result["cosine_vs_dense"] = float(torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0))
         results.append(result)
         print(json.dumps(result))
+        if args.json:  # after every backend, so that a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"info": info, "results": results}, f, indent=1)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
