@@ -95,7 +95,6 @@ def test_normalisation_constants_are_applied_exactly(tiny):
         expected = (mode - mean) * (1.0 / std)  # Wan: scale = [mean, 1 / std]
         latents = tiny.encode(video)
         assert torch.equal(latents, expected)
-        assert torch.equal(tiny.encode(video), latents)  # deterministic
 
         z = torch.randn(1, 16, 2, 2, 2)
         raw = tiny.model.decode(z / (1.0 / std) + mean).sample
