@@ -1,0 +1,184 @@
+"""Edit a video from a text instruction with LIVEditor-14B.
+
+    python inference.py --input in.mp4 --prompt "make it snow" --output out.mp4
+    python inference.py --config configs/tiny.yaml --input assets/demo_input.mp4 \\
+        --prompt "$(cat assets/demo_prompt.txt)" --output outputs/demo.mp4 --compare
+    python inference.py ... --dry-run                    # print the plan, load nothing
+    python inference.py ... attention.backend=triton sampler.steps=16   # config overrides
+
+Errors are reported on one line (`inference.py: error: ...`) with exit status 2 for bad
+arguments or configuration and 1 for a failed run; no output file is left behind by a
+failed or interrupted (Ctrl-C, exit status 130) run.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(HERE, "inference.yaml")
+BACKENDS = ("tilelang", "triton", "torch", "dense")
+
+
+class CliError(Exception):
+    """A one-line reason to stop; `status` is the exit code."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every option that mirrors a config key overrides it."""
+    parser = argparse.ArgumentParser(
+        prog="inference.py",
+        description="Edit a video from a text instruction with LIVEditor-14B (Wan 2.2 A14B + In-Context Sparse Attention).",
+        epilog="Trailing key=value arguments override the config (omegaconf dot-list), e.g. "
+               "attention.backend=triton sampler.shift=5.0 video.size=[720,720]. Options given as flags win.",
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: inference.yaml, the real model)")
+    parser.add_argument("--checkpoint", help="LIVEditor checkpoint (liveditor_ckpt.bin); sets model.checkpoint")
+    parser.add_argument("--input", required=True, help="source video (mp4 or anything ffmpeg reads)")
+    parser.add_argument("--prompt", required=True, help="the editing instruction")
+    parser.add_argument("--output", help="edited mp4 to write (required unless --dry-run)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale; sets sampler.guidance (2.5)")
+    parser.add_argument("--steps", type=int, help="sampling steps; sets sampler.steps (32)")
+    parser.add_argument("--seed", type=int, help="noise seed; sets sampler.seed (42)")
+    parser.add_argument("--backend", help=f"self-attention: {' | '.join(BACKENDS)}; sets attention.backend")
+    parser.add_argument("--negative-prompt", help="negative prompt; sets negative_prompt (default: Wan's)")
+    parser.add_argument("--max-frames", type=int, help="read at most this many frames at 16 fps; sets video.max_frames (81)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--compare", action="store_true",
+                        help="also write <output>_compare.mp4: source (resized, cropped) and edit side by side")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print frames, resolution, token counts, attention FLOPs and a memory estimate; load nothing")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def flag_settings(args) -> dict:
+    """The config values that the flags set (applied after the key=value overrides)."""
+    pairs = {"model.checkpoint": args.checkpoint, "sampler.guidance": args.guidance,
+             "sampler.steps": args.steps, "sampler.seed": args.seed, "attention.backend": args.backend,
+             "negative_prompt": args.negative_prompt, "video.max_frames": args.max_frames}
+    return {key: value for key, value in pairs.items() if value is not None}
+
+
+def compare_path(output: str) -> str:
+    """Where --compare writes: `<output without extension>_compare.mp4`."""
+    return os.path.splitext(output)[0] + "_compare.mp4"
+
+
+def check_arguments(args) -> list[str]:
+    """Validate what needs no loading; returns the output paths this run will write."""
+    if not args.prompt.strip():
+        raise CliError("the prompt is empty")
+    if args.backend is not None and args.backend not in BACKENDS:
+        raise CliError(f"unknown backend {args.backend!r}: choose one of {', '.join(BACKENDS)}")
+    if args.checkpoint is not None and not os.path.exists(args.checkpoint):
+        raise CliError(f"checkpoint not found: {args.checkpoint!r}")
+    if not os.path.exists(args.input):
+        raise CliError(f"input video not found: {args.input!r}")
+    if not os.path.isfile(args.input):
+        raise CliError(f"input is not a file: {args.input!r}")
+    if not os.access(args.input, os.R_OK):
+        raise CliError(f"input video is not readable: {args.input!r}")
+    if args.dry_run:
+        return []
+    if not args.output:
+        raise CliError("--output is required (unless --dry-run)")
+    outputs = [args.output] + ([compare_path(args.output)] if args.compare else [])
+    for path in outputs:
+        if os.path.isdir(path):
+            raise CliError(f"output path is a directory: {path!r}")
+        if os.path.exists(path) and not args.overwrite:
+            raise CliError(f"output exists: {path!r} (pass --overwrite to replace it)")
+    if os.path.abspath(args.output) == os.path.abspath(args.input):
+        raise CliError("the output would overwrite the input")
+    return outputs
+
+
+def run(args) -> int:
+    """Plan, and unless --dry-run, load, edit and write; raises CliError on failure."""
+    from wanx import pipeline
+    from wanx.video import VideoError, write_video
+
+    outputs = check_arguments(args)
+    try:
+        cfg = pipeline.load_config(args.config, list(args.overrides), flag_settings(args))
+    except pipeline.ConfigError as exc:
+        raise CliError(str(exc)) from exc
+    if not args.dry_run:
+        problems = pipeline.missing_weights(cfg)
+        if problems:
+            raise CliError("; ".join(problems))
+    try:
+        source = pipeline.read_source(cfg, args.input)
+    except VideoError as exc:
+        raise CliError(str(exc)) from exc
+    plan = pipeline.make_plan(cfg, source)
+    print(pipeline.format_plan(plan), flush=True)
+    if args.dry_run:
+        for role, path in pipeline.weight_paths(cfg).items():
+            state = "not set" if path is None else ("found" if os.path.exists(path) else "MISSING")
+            print(f"weights     model.{role}: {path} ({state})")
+        print("dry run: nothing loaded, nothing written")
+        return 0
+
+    if cfg.model.kind == "tiny":
+        print("NOTE: the 'tiny' model has RANDOM weights: the pipeline runs end to end, but the "
+              "output is noise-like, not an edit.", flush=True)
+    try:
+        pipe = pipeline.EditingPipeline.load(cfg, progress=not args.quiet)
+    except (pipeline.ConfigError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from exc
+    result = pipe.edit(source, args.prompt, progress=not args.quiet)
+
+    folder = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(folder, exist_ok=True)
+    start = time.perf_counter()
+    written = []
+    try:
+        write_video(args.output, result.video, fps=result.fps)
+        written.append(args.output)
+        if args.compare:
+            write_video(compare_path(args.output), pipeline.side_by_side(result.source, result.video),
+                        fps=result.fps)
+            written.append(compare_path(args.output))
+    except BaseException as exc:
+        for path in written:
+            os.remove(path)
+        if isinstance(exc, VideoError):
+            raise CliError(str(exc), status=1) from exc
+        raise
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in written:
+        os.chmod(path, 0o666 & ~umask)  # write_video's temporary file is private (0600)
+    result.timings["write"] = time.perf_counter() - start
+    print(pipeline.format_summary(result, outputs), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: returns the exit status (0 ok, 1 failed run, 2 bad input, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
+    try:
+        return run(args)
+    except CliError as exc:
+        print(f"inference.py: error: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        print("\ninference.py: interrupted: no output written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
