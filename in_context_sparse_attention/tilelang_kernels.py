@@ -1,0 +1,166 @@
+"""TileLang 0.1.15 kernel builders for ISA: block pooling and the sparse block kernel.
+
+Every builder returns a `T.prim_func`; `tilelang_backend.py` compiles it once per
+(head dim, dtype, block size, target) and launches it. Batch, sequence length, heads and
+the block counts are dynamic (bound from the tensors' shapes at launch), so one compiled
+kernel serves every sequence length: a video's 40 layers x 32 steps, and every test shape,
+compile once.
+
+Shapes: B batch, S tokens, H heads, D head dim, b block size, NB = ceil(S / b) blocks,
+Ns sparse query blocks, E exact blocks per sparse query block, NKV pruned key/value blocks.
+"""
+import math
+
+import tilelang.language as T
+
+LOG2E = 1.4426950408889634
+ACCUM = "float32"
+INDEX = "int32"
+
+
+def build_pool_blocks(head_dim: int, dtype: str, block_size: int, threads: int = 128):
+    """Block means over the token axis, padding excluded.
+
+    Kernel arguments:
+        X: [B, S, H, D] `dtype`.
+        Out: [B, H, NB, D] fp32; Out[b, h, j] = mean of X[b, j*b' : min(S, (j+1)*b'), h]
+            (b' the block size), so a partial last block is averaged over its real tokens.
+    Grid: (NB, H, B), one block of tokens per program.
+    """
+    batch, seq_len, heads, num_blocks = T.dynamic("batch, seq_len, heads, num_blocks", INDEX)
+
+    @T.prim_func
+    def pool_blocks(
+        X: T.Tensor([batch, seq_len, heads, head_dim], dtype),
+        Out: T.Tensor([batch, heads, num_blocks, head_dim], ACCUM),
+    ):
+        with T.Kernel(num_blocks, heads, batch, threads=threads) as (bx, by, bz):
+            b_x = T.alloc_fragment([block_size, head_dim], ACCUM)  # [b, D]
+            b_sum = T.alloc_fragment([head_dim], ACCUM)  # [D]
+            o_first = bx * block_size
+            for i, d in T.Parallel(block_size, head_dim):
+                b_x[i, d] = T.if_then_else(o_first + i < seq_len, X[bz, o_first + i, by, d], T.cast(0, dtype))
+            T.reduce_sum(b_x, b_sum, dim=0)
+            n_valid = T.min(seq_len - o_first, block_size)
+            for d in T.Parallel(head_dim):
+                Out[bz, by, bx, d] = b_sum[d] / T.cast(n_valid, ACCUM)
+
+    return pool_blocks
+
+
+def build_sparse_attention(head_dim: int, dtype: str, block_size: int, num_stages: int = 2, threads: int = 128):
+    """Exact top-E blocks plus 0-th order Taylor terms for the other pruned blocks.
+
+    One program handles one diffuse query block (b queries) of one (batch, head). With one
+    online-softmax state (running max m, running sum l, accumulator acc) it runs
+      1. the E exact blocks, read through `ExactBlocks` from the original K, V; keys past
+         S (only in a partial last block) get logit -inf and their values read as 0;
+      2. the pruned blocks in chunks of b: logit q . kbar_j, weight n_j e^(logit), value
+         vbar_j (so the value term is n_j e^(logit) vbar_j = e^(logit) Vsum_j). Blocks with
+         `TaylorCounts` 0 (the exact ones, and positions past NKV) are masked to -inf;
+    and rescales acc and l whenever m grows, so both parts share one normaliser.
+
+    Kernel arguments:
+        Q, K, V: [B, S, H, D] `dtype`.
+        QueryBlocks: [B, H, Ns] int32, the query block of each program.
+        ExactBlocks: [B, H, Ns, E] int32, original block ids of the exact blocks (E >= 1).
+        KeyMeans, ValueMeans: [B, H, NKV, D] `dtype`, kbar_j and vbar_j of the pruned blocks.
+        TaylorCounts: [B, H, Ns, NKV] fp32, n_j, or 0 where block j is exact for that query block.
+        Out: [B, NB * b, H, D] `dtype`; the real rows (< S) of each query block are
+            written, nothing else.
+    Grid: (Ns, H, B).
+    """
+    batch, seq_len, heads, padded_len = T.dynamic("batch, seq_len, heads, padded_len", INDEX)
+    num_sparse, num_exact, num_kv = T.dynamic("num_sparse, num_exact, num_kv", INDEX)
+    scale_log2 = LOG2E / math.sqrt(head_dim)
+    rows, cols = block_size, block_size
+
+    @T.prim_func
+    def sparse_attention(
+        Q: T.Tensor([batch, seq_len, heads, head_dim], dtype),
+        K: T.Tensor([batch, seq_len, heads, head_dim], dtype),
+        V: T.Tensor([batch, seq_len, heads, head_dim], dtype),
+        QueryBlocks: T.Tensor([batch, heads, num_sparse], INDEX),
+        ExactBlocks: T.Tensor([batch, heads, num_sparse, num_exact], INDEX),
+        KeyMeans: T.Tensor([batch, heads, num_kv, head_dim], dtype),
+        ValueMeans: T.Tensor([batch, heads, num_kv, head_dim], dtype),
+        TaylorCounts: T.Tensor([batch, heads, num_sparse, num_kv], ACCUM),
+        Out: T.Tensor([batch, padded_len, heads, head_dim], dtype),
+    ):
+        with T.Kernel(num_sparse, heads, batch, threads=threads) as (bx, by, bz):
+            b_q = T.alloc_shared([rows, head_dim], dtype)
+            b_k = T.alloc_shared([cols, head_dim], dtype)
+            b_v = T.alloc_shared([cols, head_dim], dtype)
+            b_kbar = T.alloc_shared([cols, head_dim], dtype)
+            b_vbar = T.alloc_shared([cols, head_dim], dtype)
+            b_o = T.alloc_shared([rows, head_dim], dtype)
+            b_w = T.alloc_shared([cols], ACCUM)  # Taylor weights n_j of the current chunk
+            b_s = T.alloc_fragment([rows, cols], ACCUM)  # logits, then weights
+            b_p = T.alloc_fragment([rows, cols], dtype)
+            b_acc = T.alloc_fragment([rows, head_dim], ACCUM)
+            b_m = T.alloc_fragment([rows], ACCUM)
+            b_m_prev = T.alloc_fragment([rows], ACCUM)
+            b_rescale = T.alloc_fragment([rows], ACCUM)
+            b_rowsum = T.alloc_fragment([rows], ACCUM)
+            b_l = T.alloc_fragment([rows], ACCUM)
+
+            o_q = QueryBlocks[bz, by, bx] * block_size
+            for i, d in T.Parallel(rows, head_dim):
+                b_q[i, d] = T.if_then_else(o_q + i < seq_len, Q[bz, o_q + i, by, d], T.cast(0, dtype))
+            T.fill(b_acc, 0)
+            T.fill(b_l, 0)
+            T.fill(b_m, -T.infinity(ACCUM))
+
+            for e in T.Pipelined(num_exact, num_stages=num_stages):
+                o_kv = ExactBlocks[bz, by, bx, e] * block_size
+                T.copy(K[bz, o_kv : o_kv + cols, by, :], b_k)
+                T.clear(b_s)
+                T.gemm(b_q, b_k, b_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                for i, j in T.Parallel(rows, cols):
+                    b_s[i, j] = T.if_then_else(o_kv + j < seq_len, b_s[i, j], -T.infinity(ACCUM))
+                T.copy(b_m, b_m_prev)
+                T.reduce_max(b_s, b_m, dim=1, clear=False)
+                for i in T.Parallel(rows):
+                    b_rescale[i] = T.exp2(b_m_prev[i] * scale_log2 - b_m[i] * scale_log2)
+                for i, j in T.Parallel(rows, cols):
+                    b_s[i, j] = T.exp2(b_s[i, j] * scale_log2 - b_m[i] * scale_log2)
+                T.reduce_sum(b_s, b_rowsum, dim=1)
+                for i in T.Parallel(rows):
+                    b_l[i] = b_l[i] * b_rescale[i] + b_rowsum[i]
+                T.copy(b_s, b_p)
+                for i, d in T.Parallel(rows, head_dim):
+                    b_acc[i, d] *= b_rescale[i]
+                T.copy(V[bz, o_kv : o_kv + cols, by, :], b_v)
+                T.gemm(b_p, b_v, b_acc, policy=T.GemmWarpPolicy.FullRow)
+
+            for c in T.serial(T.ceildiv(num_kv, cols)):
+                o_c = c * cols
+                T.copy(KeyMeans[bz, by, o_c : o_c + cols, :], b_kbar)
+                for j in T.Parallel(cols):
+                    b_w[j] = T.if_then_else(o_c + j < num_kv, TaylorCounts[bz, by, bx, o_c + j], T.cast(0, ACCUM))
+                T.clear(b_s)
+                T.gemm(b_q, b_kbar, b_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                for i, j in T.Parallel(rows, cols):
+                    b_s[i, j] = T.if_then_else(b_w[j] > 0, b_s[i, j], -T.infinity(ACCUM))
+                T.copy(b_m, b_m_prev)
+                T.reduce_max(b_s, b_m, dim=1, clear=False)
+                for i in T.Parallel(rows):
+                    b_rescale[i] = T.exp2(b_m_prev[i] * scale_log2 - b_m[i] * scale_log2)
+                for i, j in T.Parallel(rows, cols):
+                    b_s[i, j] = T.exp2(b_s[i, j] * scale_log2 - b_m[i] * scale_log2) * b_w[j]
+                T.reduce_sum(b_s, b_rowsum, dim=1)
+                for i in T.Parallel(rows):
+                    b_l[i] = b_l[i] * b_rescale[i] + b_rowsum[i]
+                T.copy(b_s, b_p)
+                for i, d in T.Parallel(rows, head_dim):
+                    b_acc[i, d] *= b_rescale[i]
+                T.copy(ValueMeans[bz, by, o_c : o_c + cols, :], b_vbar)
+                T.gemm(b_p, b_vbar, b_acc, policy=T.GemmWarpPolicy.FullRow)
+
+            for i, d in T.Parallel(rows, head_dim):
+                b_o[i, d] = b_acc[i, d] / b_l[i]
+            for i, d in T.Parallel(rows, head_dim):
+                if o_q + i < seq_len:
+                    Out[bz, o_q + i, by, d] = b_o[i, d]
+
+    return sparse_attention
