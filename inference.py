@@ -105,10 +105,10 @@ def check_arguments(args) -> list[str]:
 
 def run(args) -> int:
     """Plan, and unless --dry-run, load, edit and write; raises CliError on failure."""
+    outputs = check_arguments(args)
     from wanx import pipeline
     from wanx.video import VideoError, write_video
 
-    outputs = check_arguments(args)
     try:
         cfg = pipeline.load_config(args.config, list(args.overrides), flag_settings(args))
     except pipeline.ConfigError as exc:
