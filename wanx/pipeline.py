@@ -348,7 +348,9 @@ def _meta_parameter_counts(cfg) -> dict[str, Any]:
             vae = AutoencoderKLWan(**VAE_TINY)
     if not tiny:
         vae = build_meta_vae()
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
     return {"dit": count(dit), "text_encoder": count(t5), "vae": count(vae), "dit_config": dict(dit.config)}
 
 
