@@ -17,7 +17,6 @@ values are refused when the file or an override is merged.
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -29,8 +28,6 @@ import torch
 
 from in_context_sparse_attention import ISAConfig
 from in_context_sparse_attention.layout import BlockLayout
-
-logger = logging.getLogger(__name__)
 
 # Wan 2.2's default negative prompt (`wan/configs/shared_config.py`, `sample_neg_prompt`).
 WAN_NEGATIVE_PROMPT = (
