@@ -17,18 +17,21 @@ import json
 import platform
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from in_context_sparse_attention import BACKEND_NAMES, ISAConfig, editing_sparse_attention
-from in_context_sparse_attention.backends import get_backend
-from in_context_sparse_attention.dense import dense_attention
-from in_context_sparse_attention.full_attention import full_block_attention, gather_tokens, pruned_kv_token_ids
-from in_context_sparse_attention.layout import BlockLayout
-from in_context_sparse_attention.selection import make_plan
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the package
+
+from in_context_sparse_attention import BACKEND_NAMES, ISAConfig, editing_sparse_attention  # noqa: E402
+from in_context_sparse_attention.backends import get_backend  # noqa: E402
+from in_context_sparse_attention.dense import dense_attention  # noqa: E402
+from in_context_sparse_attention.full_attention import full_block_attention, gather_tokens, pruned_kv_token_ids  # noqa: E402
+from in_context_sparse_attention.layout import BlockLayout  # noqa: E402
+from in_context_sparse_attention.selection import make_plan  # noqa: E402
 
 DENSE_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION}
 REFERENCE_AGREEMENT = 1e-2  # max relative L2 between a kernel backend and the "torch" backend
