@@ -124,7 +124,8 @@ def working_backends(names: list[str]) -> list[str]:
 
 def stage_breakdown(q, k, v, t_len: int, c_len: int, backend: str, config: ISAConfig, iters: int) -> dict:
     """Median ms of each stage of `editing_sparse_attention` (its steps, run one by one
-    between CUDA events), with a per-token alpha tensor as the model passes it."""
+    between CUDA events), with a per-token alpha tensor as the model passes it.
+    The backend must have the fused `add_residual`."""
     impl = get_backend(backend)
     layout = BlockLayout(seq_len=q.shape[1], target_len=t_len, block_size=config.block_size)
     alpha = torch.rand(1, q.shape[1], 1, 1, device="cuda") * 0.25
@@ -142,9 +143,8 @@ def stage_breakdown(q, k, v, t_len: int, c_len: int, backend: str, config: ISACo
         events[3].record()
         impl.sparse_block_attention(q, k, v, plan, out_padded)
         events[4].record()
-        block_of_token = torch.arange(layout.seq_len, device="cuda") // layout.block_size
-        shortcut = plan.compressed_out[:, :, block_of_token].transpose(1, 2)
-        (out_padded[:, : layout.seq_len].to(shortcut.dtype) + alpha * shortcut).to(q.dtype)
+        impl.add_residual(out_padded, plan, alpha)
+        out_padded[:, : layout.seq_len].contiguous()
         events[5].record()
         torch.cuda.synchronize()
         for i, name in enumerate(names):

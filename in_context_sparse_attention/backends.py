@@ -4,6 +4,9 @@
 - `sparse_block_attention(q, k, v, plan, out_padded)`: exact top-E + Taylor for the
   diffuse query blocks, written into out_padded [B, NB * b, H, D];
 and `check_inputs(q, config)`, which raises a clear ValueError for what it cannot run.
+Optionally `add_residual(out_padded, plan, alpha)`: adds alpha * Oc[block(t)] in place to
+the real rows of a contiguous out_padded (alpha a float or a tensor broadcastable to
+[B, S, 1, 1]); without it the residual is added in plain PyTorch.
 Everything else (block decisions, the dense half, the residual) is shared.
 Backends are imported lazily, so a missing optional package only matters when it is used.
 """

@@ -65,6 +65,11 @@ def sparse_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
     exact_blocks = torch.gather(
         kv_blocks[:, :, None, :].expand(-1, -1, num_sparse, -1), 3, plan.exact_positions
     ).contiguous()  # [B, H, Ns, E] int32
+    per_block = plan.kv_blocks[..., None].expand(-1, -1, -1, dim)
+    operand_dtype = q.dtype  # the kernel's dot operands; the online softmax stays fp32
+    taylor_keys = torch.gather(plan.key_means, 2, per_block).to(operand_dtype)  # [B, H, NKV, D]
+    taylor_values = torch.gather(plan.value_sums, 2, per_block).to(operand_dtype)  # [B, H, NKV, D]
+    taylor_counts = plan.block_counts[plan.kv_blocks].to(torch.float32)  # [B, H, NKV]
     kernels = _kernels()
     if q.device.type == "cuda":
         kernel, tiles = kernels.sparse_block_attention_kernel_tuned, {}
@@ -72,13 +77,32 @@ def sparse_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
         kernel, tiles = kernels.sparse_block_attention_kernel, {"BLOCK_KV": 64, "num_warps": 4, "num_stages": 1}
     kernel[(num_sparse, batch * heads)](
         q, k, v, out_padded,
-        plan.key_means.contiguous(), plan.value_sums.contiguous(), plan.block_counts.to(torch.int32),
-        kv_blocks, plan.sparse_query_blocks.to(torch.int32).contiguous(), exact_positions, exact_blocks,
-        seq, heads, layout.num_blocks, num_kv, num_sparse, num_exact, _LOG2_E / math.sqrt(dim),
+        taylor_keys, taylor_values, taylor_counts,
+        plan.sparse_query_blocks.to(torch.int32).contiguous(), exact_positions, exact_blocks,
+        seq, heads, num_kv, num_sparse, num_exact, _LOG2_E / math.sqrt(dim),
         *q.stride(), *k.stride(), *v.stride(), *out_padded.stride(),
         BLOCK=layout.block_size, HEAD_DIM=dim,
         EXACT_PAD=max(16, triton.next_power_of_2(num_exact)), INTERPRETER=q.device.type == "cpu",
         **tiles,
+    )
+
+
+def add_residual(out_padded: torch.Tensor, plan: ISAPlan, alpha) -> None:
+    """In place: out_padded[b, t] += alpha[b, t] * Oc[b, :, block(t)] at the real rows.
+
+    Args:
+        out_padded: [B, NB * b, H, D], contiguous; alpha: a float or a tensor
+            broadcastable to [B, S, 1, 1].
+    """
+    layout = plan.layout
+    batch, _, heads, dim = out_padded.shape
+    if not out_padded.is_contiguous():
+        raise ValueError("add_residual needs a contiguous out_padded")
+    gate = torch.as_tensor(alpha, dtype=torch.float32, device=out_padded.device)
+    gate = gate.expand(batch, layout.seq_len, 1, 1).reshape(batch, layout.seq_len).contiguous()  # [B, S] fp32
+    _kernels().add_residual_kernel[(layout.num_blocks, batch * heads)](
+        out_padded, plan.compressed_out.contiguous(), gate, layout.seq_len, heads, layout.num_blocks,
+        BLOCK=layout.block_size, HEAD_DIM=dim, INTERPRETER=out_padded.device.type == "cpu", num_warps=4,
     )
 
 
@@ -110,3 +134,4 @@ class TritonBackend:
 
     pool_blocks = staticmethod(pool_blocks)
     sparse_block_attention = staticmethod(sparse_block_attention)
+    add_residual = staticmethod(add_residual)

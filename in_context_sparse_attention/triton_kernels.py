@@ -91,16 +91,14 @@ def sparse_block_attention_kernel(
     k_ptr,  # [B, S, H, D]
     v_ptr,  # [B, S, H, D]
     out_ptr,  # [B, NB * BLOCK, H, D], any strides
-    key_means_ptr,  # [B, H, NB, D] fp32, contiguous: kbar
-    value_sums_ptr,  # [B, H, NB, D] fp32, contiguous: Vsum
-    block_counts_ptr,  # [NB] int32: real tokens per block
-    kv_blocks_ptr,  # [B, H, NKV] int32, contiguous: original block ids of the pruned set
+    taylor_keys_ptr,  # [B, H, NKV, D] q's dtype, contiguous: kbar of each pruned block
+    taylor_values_ptr,  # [B, H, NKV, D] q's dtype, contiguous: Vsum of each pruned block
+    taylor_counts_ptr,  # [B, H, NKV] fp32, contiguous: n_j of each pruned block
     sparse_blocks_ptr,  # [B, H, Ns] int32, contiguous: diffuse query block ids
     exact_positions_ptr,  # [B, H, Ns, E] int32, contiguous: positions into kv_blocks
     exact_blocks_ptr,  # [B, H, Ns, E] int32, contiguous: the same as original block ids
     seq_len,
     heads,
-    num_blocks,
     num_kv,
     num_sparse,
     num_exact,
@@ -117,6 +115,9 @@ def sparse_block_attention_kernel(
 ):
     """One program per (diffuse query block, batch * head).
 
+    The Taylor operands are laid out per pruned block (NKV rows per head, a few MB in
+    all) and already rounded to the operand dtype; k and v are read in place.
+
     out_q = (sum_{j in E} sum_{t in j} 2^{s_qt} v_t + sum_{j not in E} 2^{s_qj} Vsum_j)
           / (sum_{j in E} sum_{t in j} 2^{s_qt}     + sum_{j not in E} n_j 2^{s_qj})
     with s_qt = q.k_t * qk_scale_log2 and s_qj = q.kbar_j * qk_scale_log2, in one
@@ -132,7 +133,6 @@ def sparse_block_attention_kernel(
     batch_head = tl.program_id(1)
     batch = batch_head // heads
     head = batch_head % heads
-    dtype = q_ptr.dtype.element_ty
 
     query_block = tl.load(sparse_blocks_ptr + batch_head * num_sparse + sparse_index)
     o_q = query_block * BLOCK + tl.arange(0, BLOCK)
@@ -150,17 +150,16 @@ def sparse_block_attention_kernel(
     b_exact_positions = tl.load(exact_positions_ptr + table_row + o_e, mask=o_e < num_exact, other=-1)  # [EXACT_PAD]
 
     # Taylor terms: every pruned block that is not exact, through its mean key.
-    means_base = batch_head * num_blocks * HEAD_DIM
+    taylor_row = batch_head * num_kv
     for kv_start in range(0, num_kv, BLOCK_KV):
         o_kv = kv_start + tl.arange(0, BLOCK_KV)
         m_kv = o_kv < num_kv
-        b_blocks = tl.load(kv_blocks_ptr + batch_head * num_kv + o_kv, mask=m_kv, other=0)  # [BLOCK_KV]
         is_exact = tl.sum((o_kv[:, None] == b_exact_positions[None, :]).to(tl.int32), axis=1) > 0
         m_taylor = m_kv & (is_exact == 0)
-        mean_offsets = means_base + b_blocks[:, None] * HEAD_DIM + o_d[None, :]  # [BLOCK_KV, D]
-        b_kbar = _round_to(tl.load(key_means_ptr + mean_offsets, mask=m_taylor[:, None], other=0.0), dtype, INTERPRETER)
-        b_vsum = _round_to(tl.load(value_sums_ptr + mean_offsets, mask=m_taylor[:, None], other=0.0), dtype, INTERPRETER)
-        b_counts = tl.load(block_counts_ptr + b_blocks, mask=m_taylor, other=0).to(tl.float32)  # [BLOCK_KV]
+        taylor_offsets = (taylor_row + o_kv[:, None]) * HEAD_DIM + o_d[None, :]  # [BLOCK_KV, D]
+        b_kbar = tl.load(taylor_keys_ptr + taylor_offsets, mask=m_kv[:, None], other=0.0)
+        b_vsum = tl.load(taylor_values_ptr + taylor_offsets, mask=m_kv[:, None], other=0.0)
+        b_counts = tl.load(taylor_counts_ptr + taylor_row + o_kv, mask=m_kv, other=0.0)  # [BLOCK_KV]
         b_scores = _dot(b_q, tl.trans(b_kbar), INTERPRETER) * qk_scale_log2  # [BLOCK, BLOCK_KV]
         b_scores = tl.where(m_taylor[None, :], b_scores, float("-inf"))
         m_i, l_i, b_acc = _online_softmax_step(b_scores, m_i, l_i, b_acc, b_counts, b_vsum, INTERPRETER)
@@ -194,3 +193,32 @@ SPARSE_TUNING_CONFIGS = [
 sparse_block_attention_kernel_tuned = triton.autotune(
     configs=SPARSE_TUNING_CONFIGS, key=["num_kv", "num_exact", "HEAD_DIM", "BLOCK"]
 )(sparse_block_attention_kernel)
+
+
+@triton.jit
+def add_residual_kernel(
+    out_ptr,  # [B, NB * BLOCK, H, D], contiguous: updated in place at the real rows
+    compressed_out_ptr,  # [B, H, NB, D] fp32, contiguous: Oc
+    alpha_ptr,  # [B, S] fp32, contiguous: the per-token gate
+    seq_len,
+    heads,
+    num_blocks,
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """out[b, t, h] += alpha[b, t] * Oc[b, h, t // BLOCK] for the real tokens of one
+    (block, batch * head); the sum is formed in fp32 and rounded once."""
+    block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // heads
+    head = batch_head % heads
+    o_tok = block * BLOCK + tl.arange(0, BLOCK)
+    o_d = tl.arange(0, HEAD_DIM)
+    m_tok = o_tok < seq_len
+    out_ptrs = out_ptr + ((batch * num_blocks * BLOCK + o_tok[:, None]) * heads + head) * HEAD_DIM + o_d[None, :]
+    b_out = tl.load(out_ptrs, mask=m_tok[:, None], other=0.0).to(tl.float32)  # [BLOCK, D]
+    b_alpha = tl.load(alpha_ptr + batch * seq_len + o_tok, mask=m_tok, other=0.0)  # [BLOCK]
+    b_shortcut = tl.load(compressed_out_ptr + (batch_head * num_blocks + block) * HEAD_DIM + o_d)  # [D]
+    b_out = b_out + b_alpha[:, None] * b_shortcut[None, :]
+    tl.store(out_ptrs, _round_to(b_out, out_ptr.dtype.element_ty, INTERPRETER), mask=m_tok[:, None])
