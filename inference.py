@@ -32,9 +32,16 @@ class CliError(Exception):
         self.status = status
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with usage errors reported on one line like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every option that mirrors a config key overrides it."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="inference.py",
         description="Edit a video from a text instruction with LIVEditor-14B (Wan 2.2 A14B + In-Context Sparse Attention).",
         epilog="Trailing key=value arguments override the config (omegaconf dot-list), e.g. "
@@ -140,7 +147,10 @@ def run(args) -> int:
     result = pipe.edit(source, args.prompt, progress=not args.quiet)
 
     folder = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot create the output folder {folder!r}: {exc.strerror}", status=1) from exc
     start = time.perf_counter()
     written = []
     try:

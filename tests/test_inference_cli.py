@@ -128,6 +128,7 @@ BAD_CASES = {
     "wrong config type": ({}, ["sampler.steps=many"], "bad configuration"),
     "missing checkpoint": ({"--checkpoint": "/nonexistent/liveditor_ckpt.bin"}, [], "checkpoint not found"),
     "missing config": ({"--config": "/nonexistent/cfg.yaml"}, [], "config file not found"),
+    "bad flag value": ({"--steps": "many"}, [], "invalid int value"),
 }
 
 
