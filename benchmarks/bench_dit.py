@@ -4,8 +4,9 @@ Default shape: 81 frames at 544x960 -> latent [1, 16, 21, 68, 120] -> T = C = 21
 42,840 tokens (S = 85,680), batch 1, random bf16 weights made on the GPU (the 14B model is
 never built on the host). For each backend: seconds per forward (median of --repeats after
 one warm-up forward that also pays Triton autotuning / TileLang compilation), peak GPU
-memory, and the time spent inside the self-attention op (CUDA events around each call;
-projections, RoPE and cross-attention excluded), hence attention's share of the forward.
+memory, the time spent inside the self-attention op (CUDA events around each call;
+projections, RoPE and cross-attention excluded), hence attention's share of the forward,
+and the time in the float64 RoPE rotations.
 ISA outputs are compared with the dense output; no speed-up is reported for a backend whose
 output is not finite.
 
@@ -34,40 +35,47 @@ from in_context_sparse_attention import ISAConfig  # noqa: E402
 from model import TINY_CONFIG, WanDiT  # noqa: E402
 
 
-class AttentionTimer:
-    """Times every self-attention op of a forward (q and k of equal length), cross-attention excluded."""
+class OpTimer:
+    """Times the calls of wrapped functions under a label (CUDA events on GPU, no syncs)."""
 
     def __init__(self, use_cuda: bool):
         self.use_cuda = use_cuda
-        self.spans = []
+        self.spans = {}
 
-    def wrap(self, fn):
-        def timed(q, k, v, *args, **kwargs):
-            if q.shape[1] != k.shape[1]:
-                return fn(q, k, v, *args, **kwargs)
+    def wrap(self, fn, label, only=None):
+        """`fn` timed under `label`; calls for which `only(*args)` is false are not timed."""
+
+        def timed(*args, **kwargs):
+            if only is not None and not only(*args):
+                return fn(*args, **kwargs)
             if self.use_cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                out = fn(q, k, v, *args, **kwargs)
+                out = fn(*args, **kwargs)
                 end.record()
             else:
                 start = time.perf_counter()
-                out = fn(q, k, v, *args, **kwargs)
+                out = fn(*args, **kwargs)
                 end = time.perf_counter()
-            self.spans.append((start, end))
+            self.spans.setdefault(label, []).append((start, end))
             return out
 
         return timed
 
-    def take_seconds(self) -> float:
-        """Seconds spent in the recorded calls (synchronises first); clears the record."""
+    def take_seconds(self) -> dict:
+        """label -> seconds spent in its calls (synchronises first); clears the record."""
         if self.use_cuda:
             torch.cuda.synchronize()
-            total = sum(s.elapsed_time(e) for s, e in self.spans) / 1000.0
+            totals = {k: sum(s.elapsed_time(e) for s, e in v) / 1000.0 for k, v in self.spans.items()}
         else:
-            total = sum(e - s for s, e in self.spans)
-        self.spans = []
-        return total
+            totals = {k: sum(e - s for s, e in v) for k, v in self.spans.items()}
+        self.spans = {}
+        return totals
+
+
+def is_self_attention(q, k, *rest) -> bool:
+    """Self-attention has as many keys as queries; cross-attention has text_len keys."""
+    return q.shape[1] == k.shape[1]
 
 
 def build_random_model(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> WanDiT:
@@ -114,19 +122,22 @@ def run_backend(model, backend, isa_config, inputs, repeats, device, timer):
         timer.take_seconds()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        totals, attention = [], []
+        totals, attention, rope = [], [], []
         for _ in range(repeats):
             synchronize(device)
             start = time.perf_counter()
             out = model(*inputs)
             synchronize(device)
             totals.append(time.perf_counter() - start)
-            attention.append(timer.take_seconds())
+            ops = timer.take_seconds()
+            attention.append(ops.get("attention", 0.0))
+            rope.append(ops.get("rope", 0.0))
     result = {
         "backend": backend,
         "seconds_per_forward": statistics.median(totals),
         "all_seconds": totals,
         "attention_seconds": statistics.median(attention),
+        "rope_seconds": statistics.median(rope),
         "warmup_seconds": warmup,
         "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
@@ -191,9 +202,10 @@ def main() -> None:
         [torch.randn(120, text_dim, generator=g).to(device=device, dtype=dtype)],
     )
 
-    timer = AttentionTimer(device.type == "cuda")
-    model_module.dense_attention = timer.wrap(model_module.dense_attention)
-    model_module.editing_sparse_attention = timer.wrap(model_module.editing_sparse_attention)
+    timer = OpTimer(device.type == "cuda")
+    model_module.dense_attention = timer.wrap(model_module.dense_attention, "attention", only=is_self_attention)
+    model_module.editing_sparse_attention = timer.wrap(model_module.editing_sparse_attention, "attention")
+    model_module.apply_rope = timer.wrap(model_module.apply_rope, "rope")
 
     results, reference = [], None
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
@@ -219,12 +231,12 @@ def main() -> None:
 
     dense = next((r for r in results if r["backend"] == "dense" and "skipped" not in r), None)
     lines = [
-        "| self-attention | s / forward | attention s | attention share | peak GPU GiB | speed-up vs dense | rel. L2 error vs dense |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| self-attention | s / forward | attention s | attention share | RoPE s | peak GPU GiB | speed-up vs dense | rel. L2 error vs dense |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['backend']} | skipped: {r['skipped'].splitlines()[0][:80]} | | | | | |")
+            lines.append(f"| {r['backend']} | skipped: {r['skipped'].splitlines()[0][:80]} | | | | | | |")
             continue
         speedup = "refused (output not finite)" if not r["finite"] else (
             f"{dense['seconds_per_forward'] / r['seconds_per_forward']:.2f}x" if dense else "n/a")
@@ -232,7 +244,7 @@ def main() -> None:
         error = f"{r['rel_l2_error_vs_dense']:.3f}" if "rel_l2_error_vs_dense" in r else "-"
         lines.append(
             f"| {r['backend']} | {r['seconds_per_forward']:.2f} | {r['attention_seconds']:.2f} | "
-            f"{100 * r['attention_share']:.0f}% | {peak} | {speedup} | {error} |"
+            f"{100 * r['attention_share']:.0f}% | {r['rope_seconds']:.2f} | {peak} | {speedup} | {error} |"
         )
     table = "\n".join(lines)
     print(table)
