@@ -377,8 +377,11 @@ def make_plan(cfg, source: SourceVideo) -> EditPlan:
     weight_bytes = DTYPES[cfg.model.dtype].itemsize
     ffn = dit_cfg["ffn_dim"]
     # Peak inside one block: fp32 residual and normed copy, q/k/v/out in the weights' dtype,
-    # the FFN hidden layer and its activation; ISA's block tables are small beside these.
-    activations = batch * seq * (2 * dim * 4 + 4 * dim * weight_bytes + 2 * ffn * weight_bytes)
+    # the FFN hidden layer and its activation, and the float64 RoPE rotations of q and k
+    # (complex128, 8 bytes per channel); ISA's block tables are small beside these.
+    # Measured for calibration (docs/benchmarks.md): 42.4 GiB peak for one batch-1 forward
+    # at S = 85,680, against 26.6 + 17.5 GiB by this formula.
+    activations = batch * seq * (2 * dim * 4 + 4 * dim * weight_bytes + 2 * ffn * weight_bytes + 2 * dim * 8)
     memory = {
         "dit_weights": counts["dit"] * weight_bytes / gib,
         "text_encoder_weights": counts["text_encoder"] * weight_bytes / gib,
