@@ -166,10 +166,6 @@ def run(args) -> int:
         if isinstance(exc, VideoError):
             raise CliError(str(exc), status=1) from exc
         raise
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in written:
-        os.chmod(path, 0o666 & ~umask)  # write_video's temporary file is private (0600)
     result.timings["write"] = time.perf_counter() - start
     print(pipeline.format_summary(result, outputs), flush=True)
     return 0

@@ -280,3 +280,12 @@ def test_write_validates_frames(tmp_path):
     with pytest.raises(VideoError, match=r"\[F, H, W, 3\]"):
         wv.write_video(tmp_path / "gray.mp4", np.zeros((1, 8, 8), np.uint8))
     assert os.listdir(tmp_path) == []
+
+
+def test_written_file_follows_the_umask_not_the_private_temporary_mode(tmp_path):
+    old_mask = os.umask(0o022)
+    try:
+        path = wv.write_video(tmp_path / "out.mp4", np.zeros((5, 16, 16, 3), np.uint8))
+    finally:
+        os.umask(old_mask)
+    assert os.stat(path).st_mode & 0o777 == 0o644

@@ -227,6 +227,13 @@ def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
     return x.round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
+def _current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_video(
     path: str | os.PathLike,
     frames_uint8: np.ndarray,
@@ -272,6 +279,7 @@ def write_video(
         raise VideoError(f"output folder is not writable: {folder!r} ({_first_line(exc)})") from exc
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes it private (0600); a video is not
         writer = iio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
                                 quality=quality, pixelformat="yuv420p", macro_block_size=1,
                                 ffmpeg_log_level="error")
