@@ -38,7 +38,7 @@ def pool_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """Mean of x over each block, padding excluded: [B, S, H, D] -> [B, H, NB, D] fp32."""
     batch, seq, heads, dim = x.shape
     out = torch.empty(batch, heads, layout.num_blocks, dim, dtype=torch.float32, device=x.device)
-    _kernels().pool_blocks_kernel[(layout.num_blocks, batch * heads)](
+    _kernels().pool_blocks_kernel[(batch * heads, layout.num_blocks)](
         x, out, seq, heads, layout.num_blocks, *x.stride(), BLOCK=layout.block_size, HEAD_DIM=dim,
         num_warps=4,
     )
@@ -100,7 +100,7 @@ def add_residual(out_padded: torch.Tensor, plan: ISAPlan, alpha) -> None:
         raise ValueError("add_residual needs a contiguous out_padded")
     gate = torch.as_tensor(alpha, dtype=torch.float32, device=out_padded.device)
     gate = gate.expand(batch, layout.seq_len, 1, 1).reshape(batch, layout.seq_len).contiguous()  # [B, S] fp32
-    _kernels().add_residual_kernel[(layout.num_blocks, batch * heads)](
+    _kernels().add_residual_kernel[(batch * heads, layout.num_blocks)](
         out_padded, plan.compressed_out.contiguous(), gate, layout.seq_len, heads, layout.num_blocks,
         BLOCK=layout.block_size, HEAD_DIM=dim, INTERPRETER=out_padded.device.type == "cpu", num_warps=4,
     )

@@ -28,13 +28,14 @@ def pool_blocks_kernel(
     BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    """One program per (block, batch * head): the mean of the block's real tokens.
+    """One program per (batch * head, block): the mean of the block's real tokens.
+    Neighbouring programs read neighbouring heads, so a block's rows stream contiguously.
 
     Contract: a partial last block is averaged over its `seq_len - block * BLOCK` real
     tokens; padding positions are never loaded.
     """
-    block = tl.program_id(0)
-    batch_head = tl.program_id(1)
+    batch_head = tl.program_id(0)
+    block = tl.program_id(1)
     batch = batch_head // heads
     head = batch_head % heads
     o_tok = block * BLOCK + tl.arange(0, BLOCK)
@@ -208,9 +209,9 @@ def add_residual_kernel(
     INTERPRETER: tl.constexpr,
 ):
     """out[b, t, h] += alpha[b, t] * Oc[b, h, t // BLOCK] for the real tokens of one
-    (block, batch * head); the sum is formed in fp32 and rounded once."""
-    block = tl.program_id(0)
-    batch_head = tl.program_id(1)
+    (batch * head, block); the sum is formed in fp32 and rounded once."""
+    batch_head = tl.program_id(0)
+    block = tl.program_id(1)
     batch = batch_head // heads
     head = batch_head % heads
     o_tok = block * BLOCK + tl.arange(0, BLOCK)
