@@ -21,6 +21,11 @@ SUPPORTED_BLOCK_SIZES = (64,)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _HINT = "use backend 'torch' (any device) or 'triton'"
+# One warpgroup per program and several programs per SM, with cp.async loads: on the H100
+# this ran the sparse kernel 1.4x faster than tilelang's default warp-specialised
+# producer/consumer split (8.3 ms vs 6.0 ms at 65,536 tokens), which needs 240 registers
+# a thread and so fits one program per SM.
+_PASS_CONFIGS = {"tl.disable_warp_specialized": True}
 
 
 def target_arch(device: torch.device) -> str:
@@ -43,7 +48,7 @@ def compiled_kernel(kind: str, head_dim: int, dtype: str, block_size: int, arch:
 
     builders = {"pool": tilelang_kernels.build_pool_blocks, "sparse": tilelang_kernels.build_sparse_attention}
     func = builders[kind](head_dim, dtype, block_size)
-    return tilelang.compile(func, target={"kind": "cuda", "arch": arch})
+    return tilelang.compile(func, target={"kind": "cuda", "arch": arch}, pass_configs=_PASS_CONFIGS)
 
 
 def _kernel(kind: str, x: torch.Tensor, block_size: int):
