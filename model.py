@@ -15,6 +15,10 @@ Precision, as in Wan (each decision is repeated where it happens):
 - the time embedding, its projection and the output head run in fp32 (Wan runs them in
   fp32 autocast regions); every other matmul runs in the weights' dtype (bf16 on GPU),
   with explicit casts rather than autocast.
+
+The memory-bound steps (RMSNorm, RoPE, LayerNorm + modulation + cast, gated residuals) go
+through `wanx.fused_ops`: fused Triton kernels on CUDA, their PyTorch references on CPU;
+RoPE and the residuals are bit-identical to the references, the norms agree to fp32 rounding.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from in_context_sparse_attention import ISAConfig, dense_attention, editing_sparse_attention
 from in_context_sparse_attention.backends import BACKEND_NAMES, get_backend
+from wanx import fused_ops
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +107,15 @@ def rope_frequencies(grids: Sequence[Sequence[int]], head_dim: int, device=None)
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x by freqs, in float64 (as Wan does), back to x's dtype.
 
+    One Triton pass on CUDA (float64 in registers), bit-identical to the PyTorch complex128
+    path that runs elsewhere (`wanx.fused_ops.rope_torch`).
+
     Args:
         x: [B, S, H, D]; freqs: [S, D / 2] complex128 from `rope_frequencies`.
     Returns:
         [B, S, H, D], x's dtype.
     """
-    batch, seq, heads, dim = x.shape
-    pairs = torch.view_as_complex(x.to(torch.float64).reshape(batch, seq, heads, dim // 2, 2))
-    return torch.view_as_real(pairs * freqs[None, :, None, :]).flatten(3).to(x.dtype)
+    return fused_ops.rope(x, freqs)
 
 
 def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -132,14 +138,12 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., dim] -> [..., dim], x's dtype."""
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        """x: [..., dim] -> [..., dim], x's dtype (one fused pass on CUDA)."""
+        return fused_ops.rms_norm(x, self.weight, self.eps)
 
 
 class WanLayerNorm(nn.Module):
-    """LayerNorm over the last dim computed in fp32; returns fp32 (the residual stream's dtype).
+    """LayerNorm over the last dim computed in fp32, optionally modulated and cast on the way.
 
     Parameters `weight` and `bias` exist only when `elementwise_affine` (Wan's `norm3`).
     """
@@ -155,11 +159,22 @@ class WanLayerNorm(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., dim] -> [..., dim] fp32."""
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), (self.dim,), weight, bias, self.eps)
+    def forward(
+        self,
+        x: torch.Tensor,
+        shift: Optional[torch.Tensor] = None,
+        scale: Optional[torch.Tensor] = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """LayerNorm(x) in fp32, then shift + norm * (1 + scale) in fp32 when given, cast to dtype.
+
+        Args:
+            x: [B, S, dim]; shift, scale: [B, 1, dim] modulation, both or neither.
+            dtype: output dtype (fp32 for the residual stream, the weights' for a matmul).
+        Returns:
+            [B, S, dim] in `dtype` (one fused pass over x on CUDA).
+        """
+        return fused_ops.layer_norm_modulate(x, self.eps, self.weight, self.bias, shift, scale, dtype)
 
 
 class WanSelfAttention(nn.Module):
@@ -259,6 +274,7 @@ class WanAttentionBlock(nn.Module):
         self.norm2 = WanLayerNorm(dim, eps)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.cross_attn_norm = cross_attn_norm
 
     def forward(
         self, x: torch.Tensor, time_mod: torch.Tensor, freqs: torch.Tensor, target_len: int, context: torch.Tensor
@@ -275,12 +291,14 @@ class WanAttentionBlock(nn.Module):
         """
         # modulation in fp32: shift/scale/gate for attention, then for the FFN, each [B, 1, dim]
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float().unsqueeze(0) + time_mod).unbind(2)
-        # addcmul: one fp32 pass each for modulate (shift + norm * (1 + scale)) and gated residual
-        y = self.self_attn(torch.addcmul(shift_sa, self.norm1(x), 1 + scale_sa), freqs, target_len)
-        x = torch.addcmul(x, y.float(), gate_sa)
-        x = x + self.cross_attn(self.norm3(x), context).float()
-        y = self.ffn(torch.addcmul(shift_ff, self.norm2(x), 1 + scale_ff).to(self.ffn[0].weight.dtype))
-        return torch.addcmul(x, y.float(), gate_ff)
+        # LayerNorm, modulation (shift + norm * (1 + scale)) in fp32 and the cast to the matmul
+        # dtype are one pass; each residual update x + float(y) * gate is another (fp32)
+        dtype = self.ffn[0].weight.dtype
+        y = self.self_attn(self.norm1(x, shift_sa, scale_sa, dtype), freqs, target_len)
+        x = fused_ops.gated_residual(x, y, gate_sa)
+        x = fused_ops.gated_residual(x, self.cross_attn(self.norm3(x, dtype=dtype) if self.cross_attn_norm else x, context))
+        y = self.ffn(self.norm2(x, shift_ff, scale_ff, dtype))
+        return fused_ops.gated_residual(x, y, gate_ff)
 
 
 class WanHead(nn.Module):
