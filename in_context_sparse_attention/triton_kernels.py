@@ -188,7 +188,7 @@ SPARSE_TUNING_CONFIGS = [
     triton.Config({"BLOCK_KV": block_kv}, num_warps=warps, num_stages=stages)
     for block_kv in (64, 128)
     for warps in (4, 8)
-    for stages in (2, 3)
+    for stages in (2, 3, 4)
 ]
 # GPU entry: tuned once per (head dim, block size, NKV, E) on the first call.
 sparse_block_attention_kernel_tuned = triton.autotune(
