@@ -53,7 +53,7 @@ def build_sparse_attention(
     head_dim: int,
     dtype: str,
     block_size: int,
-    tile_blocks: int = 2,
+    tile_blocks: int = 1,
     num_stages: int = 1,
     threads: int = 128,
 ):
@@ -70,6 +70,7 @@ def build_sparse_attention(
          `TaylorCounts` 0 (the exact ones, and positions past NKV) get logit -inf;
     and rescales acc and l whenever m grows, so both parts share one normaliser. Every
     column's term is weight * e^(logit - m): weight 1 for an exact key, n_j for a block mean.
+    On the H100 at 65,536 tokens one block per tile (5.46 ms) beat two (5.90 ms).
 
     Kernel arguments:
         Q, K, V: [B, S, H, D] `dtype`.
