@@ -116,6 +116,17 @@ def sparse_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
         )
 
 
+def unsupported_reason(head_dim: int, dtype: torch.dtype, block_size: int) -> str | None:
+    """Why the kernels cannot run this head dim, dtype or block size; None when they can."""
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"backend 'tilelang' supports head dims {SUPPORTED_HEAD_DIMS}, got {head_dim}"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"backend 'tilelang' supports dtypes float16, bfloat16, got {dtype}"
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        return f"backend 'tilelang' supports block sizes {SUPPORTED_BLOCK_SIZES}, got {block_size}"
+    return None
+
+
 class TileLangBackend:
     """TileLang kernels for pooling and the sparse half; CUDA GPUs (Hopper: sm_90a)."""
 
@@ -123,17 +134,12 @@ class TileLangBackend:
 
     def check_inputs(self, q: torch.Tensor, config) -> None:
         """Raise a clear ValueError for inputs the kernels cannot run."""
-        if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"backend 'tilelang' supports head dims {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}; {_HINT}")
-        if q.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"backend 'tilelang' supports dtypes float16, bfloat16, got {q.dtype}; {_HINT}")
-        if config.block_size not in SUPPORTED_BLOCK_SIZES:
-            raise ValueError(
-                f"backend 'tilelang' supports block sizes {SUPPORTED_BLOCK_SIZES}, got {config.block_size}; {_HINT}"
-            )
         if not torch.cuda.is_available() or q.device.type != "cuda":
             where = "no CUDA device is available" if not torch.cuda.is_available() else f"got tensors on {q.device}"
             raise ValueError(f"the tilelang backend needs a CUDA GPU ({where}); {_HINT}")
+        reason = unsupported_reason(q.shape[-1], q.dtype, config.block_size)
+        if reason is not None:
+            raise ValueError(f"{reason}; {_HINT}")
         if importlib.util.find_spec("tilelang") is None:
             raise ValueError(f"the tilelang backend needs the tilelang package (pip install tilelang==0.1.15); {_HINT}")
 

@@ -54,7 +54,6 @@ def build_sparse_attention(
     dtype: str,
     block_size: int,
     tile_blocks: int = 1,
-    num_stages: int = 1,
     threads: int = 128,
 ):
     """Exact top-E blocks plus 0-th order Taylor terms for the other pruned blocks.
@@ -144,7 +143,9 @@ def build_sparse_attention(
             T.fill(b_l, 0)
             T.fill(b_m, -T.infinity(ACCUM))
 
-            for t in T.Pipelined(T.ceildiv(num_exact, tile_blocks), num_stages=num_stages):
+            # One stage: deeper cp.async pipelines over a run-time loop count do not compile
+            # under tilelang 0.1.15; several programs per SM hide the load latency instead.
+            for t in T.Pipelined(T.ceildiv(num_exact, tile_blocks), num_stages=1):
                 for u in T.serial(tile_blocks):
                     o_kv = ExactBlocks[bz, by, bx, T.min(t * tile_blocks + u, num_exact - 1)] * block_size
                     T.copy(K[bz, o_kv : o_kv + block_size, by, :], b_k[u * block_size : (u + 1) * block_size, :])

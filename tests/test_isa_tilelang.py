@@ -9,9 +9,11 @@ head dim, dtype) covers every length, partial last block and top-k count.
 GPU (marker `gpu`): pooling and the sparse kernel alone, and the whole ISA, against the
 torch backend (float64 / float32 references) and the Triton backend, in bf16, on random and
 video-like inputs, S from 63 to 65,536; every output buffer is NaN-poisoned first. Measured
-errors are attached to each test as junit properties (`pytest --junitxml=...`).
+errors are attached to each test as junit properties
+(`pytest -m gpu --junitxml=FILE -o junit_family=xunit1`).
 """
 import math
+import re
 import shutil
 
 import pytest
@@ -21,7 +23,7 @@ from in_context_sparse_attention import ISAConfig, editing_sparse_attention, ref
 from in_context_sparse_attention.backends import get_backend
 from in_context_sparse_attention.layout import BlockLayout
 from in_context_sparse_attention.selection import ISAPlan, make_plan
-from in_context_sparse_attention.tilelang_backend import compiled_kernel, sparse_kernel_inputs
+from in_context_sparse_attention.tilelang_backend import compiled_kernel, sparse_kernel_inputs, unsupported_reason
 
 BF16_ULP = 2.0**-7  # spacing of bf16 numbers in [1, 2)
 TRITON_REL_L2_BOUND = BF16_ULP  # TileLang vs Triton, relative L2 over the written rows
@@ -160,17 +162,24 @@ def test_cpu_tensors_are_refused_clearly():
         editing_sparse_attention(q, k, v, 40, 40, backend="tilelang")
 
 
-@pytest.mark.parametrize(
-    "dim, dtype, config, message",
-    [
-        (32, torch.bfloat16, ISAConfig(), r"head dims \(64, 128\), got 32"),
-        (64, torch.float32, ISAConfig(), "dtypes float16, bfloat16, got torch.float32"),
-        (64, torch.bfloat16, ISAConfig(block_size=32), r"block sizes \(64,\), got 32"),
-    ],
-)
-def test_unsupported_inputs_are_refused_clearly(dim, dtype, config, message):
-    q, k, v = make_qkv(1, 80, 2, dim, dtype)
-    with pytest.raises(ValueError, match=message):
+UNSUPPORTED = [
+    (32, torch.bfloat16, ISAConfig(), r"head dims \(64, 128\), got 32"),
+    (64, torch.float32, ISAConfig(), "dtypes float16, bfloat16, got torch.float32"),
+    (64, torch.bfloat16, ISAConfig(block_size=32), r"block sizes \(64,\), got 32"),
+]
+
+
+@pytest.mark.parametrize("dim, dtype, config, message", UNSUPPORTED)
+def test_unsupported_inputs_have_a_clear_reason(dim, dtype, config, message):
+    assert re.search(message, unsupported_reason(dim, dtype, config.block_size))
+    assert unsupported_reason(128, torch.bfloat16, 64) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim, dtype, config, message", UNSUPPORTED)
+def test_gpu_unsupported_inputs_are_refused_clearly(dim, dtype, config, message):
+    q, k, v = make_qkv(1, 80, 2, dim, dtype, device="cuda")
+    with pytest.raises(ValueError, match=message + ".*backend 'torch'"):
         editing_sparse_attention(q, k, v, 40, 40, config=config, backend="tilelang")
 
 
