@@ -22,84 +22,15 @@ import torch
 from in_context_sparse_attention import ISAConfig, editing_sparse_attention, reference
 from in_context_sparse_attention.backends import get_backend
 from in_context_sparse_attention.layout import BlockLayout
-from in_context_sparse_attention.selection import ISAPlan, make_plan
 from in_context_sparse_attention.tilelang_backend import compiled_kernel, sparse_kernel_inputs, unsupported_reason
+from isa_testing import (
+    check_written_rows, make_qkv, max_abs, plan_for, poisoned_output, relative_l2, run_sparse, slice_heads,
+    sparse_rows_mask, video_like_qkv,
+)
 
 BF16_ULP = 2.0**-7  # spacing of bf16 numbers in [1, 2)
 TRITON_REL_L2_BOUND = BF16_ULP  # TileLang vs Triton, relative L2 over the written rows
 TRITON_MAX_ABS_ULPS = 4.0  # TileLang vs Triton, max abs in bf16 ulps of the largest output
-
-
-def relative_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def max_abs(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return (x.double() - ref.double()).abs().max().item()
-
-
-def make_qkv(batch, seq, heads, dim, dtype, device="cpu", scale=1.0, seed=0):
-    """Standard normal q, k, v [B, S, H, D]; q scaled by `scale` (logits grow with it)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    tensors = [torch.randn(batch, seq, heads, dim, generator=gen) for _ in range(3)]
-    tensors[0] = tensors[0] * scale
-    return [x.to(device=device, dtype=dtype) for x in tensors]
-
-
-def video_like_qkv(frames, height, width, heads, dim, dtype, device, seed=0):
-    """Smooth random fields over a (frame, height, width) grid for the target and a copy
-    with 10% noise for the source: q, k, v [1, 2 * frames * height * width, H, D]."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    tensors = []
-    for _ in range(3):
-        coarse = torch.randn(1, heads * dim, max(2, frames // 4), max(2, height // 8), max(2, width // 8), generator=gen)
-        field = torch.nn.functional.interpolate(coarse, size=(frames, height, width), mode="trilinear", align_corners=False)
-        target = field.flatten(2).transpose(1, 2).reshape(1, -1, heads, dim) * 2.0
-        source = target + 0.1 * torch.randn(target.shape, generator=gen)
-        tensors.append(torch.cat([target, source], dim=1).to(device=device, dtype=dtype))
-    return tensors
-
-
-def plan_for(q, k, v, t_len, config):
-    """Block decisions from the torch backend's pooling, shared by every backend compared."""
-    layout = BlockLayout(seq_len=q.shape[1], target_len=t_len, block_size=config.block_size)
-    return make_plan(*[reference.pool_blocks(x, layout) for x in (q, k, v)], layout, config)
-
-
-def poisoned_output(q, layout):
-    """[B, NB * b, H, D] of NaN."""
-    return torch.full((q.shape[0], layout.padded_len, q.shape[2], q.shape[3]), math.nan, dtype=q.dtype, device=q.device)
-
-
-def sparse_rows_mask(plan: ISAPlan) -> torch.Tensor:
-    """[B, NB * b, H] True at the real rows of each head's diffuse query blocks."""
-    layout = plan.layout
-    batch, heads, _ = plan.sparse_query_blocks.shape
-    is_sparse = torch.zeros(batch, heads, layout.num_blocks, dtype=torch.bool, device=plan.block_counts.device)
-    is_sparse.scatter_(2, plan.sparse_query_blocks, True)
-    rows = is_sparse.repeat_interleave(layout.block_size, dim=2).transpose(1, 2).clone()
-    rows[:, layout.seq_len :] = False
-    return rows
-
-
-def check_written_rows(out, plan):
-    """Every real row of the diffuse blocks is written and finite; nothing else is written."""
-    rows = sparse_rows_mask(plan)
-    assert out[rows].isfinite().all(), "a diffuse query row was not written (or is not finite)"
-    assert out[~rows].isnan().all(), "the sparse kernel wrote outside the diffuse blocks' real rows"
-    return rows
-
-
-def run_sparse(backend_name, q, k, v, plan):
-    out = poisoned_output(q, plan.layout)
-    get_backend(backend_name).sparse_block_attention(q, k, v, plan, out)
-    return out
-
-
-def slice_heads(plan: ISAPlan, heads: slice) -> ISAPlan:
-    """The plan restricted to a range of heads."""
-    per_head = ("key_means", "value_sums", "compressed_out", "kv_blocks", "full_query_blocks", "sparse_query_blocks", "exact_positions")
-    return ISAPlan(layout=plan.layout, block_counts=plan.block_counts, **{name: getattr(plan, name)[:, heads] for name in per_head})
 
 
 def emulate_sparse_kernel(q, k, v, inputs, layout, out):

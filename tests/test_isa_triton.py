@@ -18,87 +18,12 @@ from in_context_sparse_attention import ISAConfig, editing_sparse_attention  # n
 from in_context_sparse_attention import reference  # noqa: E402
 from in_context_sparse_attention.backends import get_backend  # noqa: E402
 from in_context_sparse_attention.layout import BlockLayout  # noqa: E402
-from in_context_sparse_attention.selection import ISAPlan, make_plan  # noqa: E402
 from in_context_sparse_attention.triton_backend import interpreting  # noqa: E402
+from isa_testing import (  # noqa: E402
+    check_written_rows, make_qkv, plan_for, relative_l2, run_sparse, slice_heads, sparse_rows_mask, video_like_qkv,
+)
 
 needs_interpreter = pytest.mark.skipif(not interpreting(), reason="CPU interpreter tests need TRITON_INTERPRET=1")
-
-
-def relative_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def make_qkv(batch, seq, heads, dim, dtype, device="cpu", scale=1.0, non_contiguous=False, seed=0):
-    """Random q, k, v [B, S, H, D]; q scaled by `scale` (logits grow with it).
-
-    non_contiguous: views into a [B, H, S, 2D] buffer (strided on every axis)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    tensors = []
-    for i in range(3):
-        if non_contiguous:
-            x = torch.randn(batch, heads, seq, 2 * dim, generator=gen)[..., ::2].transpose(1, 2)
-        else:
-            x = torch.randn(batch, seq, heads, dim, generator=gen)
-        x = x * (scale if i == 0 else 1.0)
-        tensors.append(x.to(device=device, dtype=dtype))
-    return tensors
-
-
-def video_like_qkv(frames, height, width, heads, dim, dtype, device, seed=0):
-    """Structured q, k, v: smooth random fields over a (frame, height, width) grid for the
-    target, and a slightly perturbed copy for the source (S = 2 * frames * height * width)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    tensors = []
-    for _ in range(3):
-        coarse = torch.randn(1, heads * dim, max(2, frames // 4), max(2, height // 8), max(2, width // 8), generator=gen)
-        field = torch.nn.functional.interpolate(coarse, size=(frames, height, width), mode="trilinear", align_corners=False)
-        target = field.flatten(2).transpose(1, 2).reshape(1, -1, heads, dim) * 2.0
-        source = target + 0.1 * torch.randn(target.shape, generator=gen)
-        tensors.append(torch.cat([target, source], dim=1).to(device=device, dtype=dtype))
-    return tensors
-
-
-def plan_for(q, k, v, t_len, config):
-    """The block decisions from the torch backend's pooling, shared by both backends."""
-    layout = BlockLayout(seq_len=q.shape[1], target_len=t_len, block_size=config.block_size)
-    means = [reference.pool_blocks(x, layout) for x in (q, k, v)]
-    return make_plan(*means, layout, config)
-
-
-def poisoned_output(q, layout):
-    return torch.full((q.shape[0], layout.padded_len, q.shape[2], q.shape[3]), math.nan, dtype=q.dtype, device=q.device)
-
-
-def sparse_rows_mask(plan: ISAPlan) -> torch.Tensor:
-    """[B, NB * b, H] True at the real rows of each head's diffuse query blocks."""
-    layout = plan.layout
-    batch, heads, _ = plan.sparse_query_blocks.shape
-    is_sparse_block = torch.zeros(batch, heads, layout.num_blocks, dtype=torch.bool, device=plan.block_counts.device)
-    is_sparse_block.scatter_(2, plan.sparse_query_blocks, True)
-    rows = is_sparse_block.repeat_interleave(layout.block_size, dim=2).transpose(1, 2).clone()  # [B, NB * b, H]
-    rows[:, layout.seq_len :] = False
-    return rows
-
-
-def run_sparse(backend_name, q, k, v, plan):
-    out = poisoned_output(q, plan.layout)
-    get_backend(backend_name).sparse_block_attention(q, k, v, plan, out)
-    return out
-
-
-def check_written_rows(out, plan):
-    """The kernel wrote every real row of the diffuse blocks, and nothing else."""
-    rows = sparse_rows_mask(plan)
-    assert not out[rows].isnan().any(), "a diffuse query row was not written (or is NaN)"
-    assert out[~rows].isnan().all(), "the sparse kernel wrote outside the diffuse blocks' real rows"
-    return rows
-
-
-def slice_heads(plan: ISAPlan, heads: slice) -> ISAPlan:
-    """The plan restricted to a range of heads."""
-    per_head = ("key_means", "value_sums", "compressed_out", "kv_blocks", "full_query_blocks", "sparse_query_blocks", "exact_positions")
-    fields = {name: getattr(plan, name)[:, heads] for name in per_head}
-    return ISAPlan(layout=plan.layout, block_counts=plan.block_counts, **fields)
 
 
 def assert_within_precision(triton_out, torch_out, reference_out, rows, floor):
