@@ -59,6 +59,10 @@ def test_dry_run_loads_nothing(tmp_path, monkeypatch, capsys):
     """The real config, with weight files present: not one loader or tensor reader runs."""
     import safetensors
     import torch
+    # Libraries bind `from safetensors import safe_open` when first imported: import them
+    # before the patch below, so that no later test inherits the refusing stand-in.
+    import diffusers.models.model_loading_utils  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
 
     from model import WanDiT
     from wanx import dit_loader, t5, vae

@@ -1,25 +1,21 @@
 """Backend "triton" against backend "torch".
 
-Without CUDA the kernels run on triton's CPU interpreter (TRITON_INTERPRET=1, set here
-before the kernels are first defined), on awkward sizes small enough for it. Tests marked
+Without CUDA the kernels run on triton's CPU interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py before any kernel is defined), on awkward sizes small enough for it. Tests marked
 `gpu` run the compiled kernels up to 65,536 tokens. Every output buffer is NaN-poisoned
 first, so a row the kernel forgot to write (or wrote but should not have) shows.
 """
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from in_context_sparse_attention import ISAConfig, editing_sparse_attention  # noqa: E402
-from in_context_sparse_attention import reference  # noqa: E402
-from in_context_sparse_attention.backends import get_backend  # noqa: E402
-from in_context_sparse_attention.layout import BlockLayout  # noqa: E402
-from in_context_sparse_attention.triton_backend import interpreting  # noqa: E402
-from isa_testing import (  # noqa: E402
+from in_context_sparse_attention import ISAConfig, editing_sparse_attention
+from in_context_sparse_attention import reference
+from in_context_sparse_attention.backends import get_backend
+from in_context_sparse_attention.layout import BlockLayout
+from in_context_sparse_attention.triton_backend import interpreting
+from isa_testing import (
     check_written_rows, make_qkv, plan_for, relative_l2, run_sparse, slice_heads, sparse_rows_mask, video_like_qkv,
 )
 
