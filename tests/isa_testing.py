@@ -90,3 +90,18 @@ def slice_heads(plan: ISAPlan, heads: slice) -> ISAPlan:
     """The plan restricted to a range of heads."""
     per_head = ("key_means", "value_sums", "compressed_out", "kv_blocks", "full_query_blocks", "sparse_query_blocks", "exact_positions")
     return ISAPlan(layout=plan.layout, block_counts=plan.block_counts, **{name: getattr(plan, name)[:, heads] for name in per_head})
+
+
+def assert_within_precision(got, torch_out, reference_out, rows, floor, record_property=None):
+    """The kernel's error against a wider reference is at most twice the torch backend's
+    error at the same precision, plus a small floor (scale-free: STYLE.md's rule).
+
+    record_property: pytest's fixture, to attach the measured errors to the test report.
+    """
+    err = relative_l2(got[rows], reference_out[rows])
+    torch_err = relative_l2(torch_out[rows], reference_out[rows])
+    if record_property is not None:
+        record_property("rel_l2_vs_reference", err)
+        record_property("torch_bf16_rel_l2_vs_reference", torch_err)
+        record_property("max_abs_vs_reference", max_abs(got[rows], reference_out[rows]))
+    assert err <= 2.0 * torch_err + floor, (err, torch_err)

@@ -24,6 +24,7 @@ from in_context_sparse_attention.backends import get_backend
 from in_context_sparse_attention.layout import BlockLayout
 from in_context_sparse_attention.tilelang_backend import compiled_kernel, sparse_kernel_inputs, unsupported_reason
 from isa_testing import (
+    assert_within_precision,
     check_written_rows, make_qkv, max_abs, plan_for, poisoned_output, relative_l2, run_sparse, slice_heads,
     sparse_rows_mask, video_like_qkv,
 )
@@ -167,17 +168,6 @@ def compare_with_triton(tilelang_out, triton_out, rows, record_property):
     record_property("max_abs_vs_triton", worst)
     assert err <= TRITON_REL_L2_BOUND, err
     assert worst <= TRITON_MAX_ABS_ULPS * BF16_ULP * scale, (worst, scale)
-
-
-def assert_within_precision(got, torch_out, reference_out, rows, floor, record_property):
-    """The kernel's error against a wider reference is at most twice the torch backend's
-    error at the same precision, plus a small floor."""
-    err = relative_l2(got[rows], reference_out[rows])
-    torch_err = relative_l2(torch_out[rows], reference_out[rows])
-    record_property("rel_l2_vs_reference", err)
-    record_property("torch_bf16_rel_l2_vs_reference", torch_err)
-    record_property("max_abs_vs_reference", max_abs(got[rows], reference_out[rows]))
-    assert err <= 2.0 * torch_err + floor, (err, torch_err)
 
 
 GPU_CASES = [

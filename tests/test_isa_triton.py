@@ -16,18 +16,11 @@ from in_context_sparse_attention.backends import get_backend
 from in_context_sparse_attention.layout import BlockLayout
 from in_context_sparse_attention.triton_backend import interpreting
 from isa_testing import (
+    assert_within_precision,
     check_written_rows, make_qkv, plan_for, relative_l2, run_sparse, slice_heads, sparse_rows_mask, video_like_qkv,
 )
 
 needs_interpreter = pytest.mark.skipif(not interpreting(), reason="CPU interpreter tests need TRITON_INTERPRET=1")
-
-
-def assert_within_precision(triton_out, torch_out, reference_out, rows, floor):
-    """The kernel's error against a float64 reference is at most twice the torch
-    backend's error at the same precision, plus a small floor."""
-    triton_error = relative_l2(triton_out[rows], reference_out[rows])
-    torch_error = relative_l2(torch_out[rows], reference_out[rows])
-    assert triton_error <= 2.0 * torch_error + floor, (triton_error, torch_error)
 
 
 AWKWARD_SIZES = [
