@@ -80,26 +80,26 @@ def _rope_kernel(
     """out[b, s, h, 2j:2j+2] = x[b, s, h, 2j:2j+2] rotated by freqs[s, j], in float64.
 
     Grid: (cdiv(seq, BLOCK_S), batch); each program loads its tokens' cos/sin once and
-    walks over the heads. freqs: [seq, HALF, 2] float64 (cos, sin); out contiguous.
+    walks over the heads. Rows are loaded and stored whole (contiguous when x's last stride
+    is 1); the pairs are split and joined in registers. freqs: [seq, HALF, 2] float64
+    (cos, sin); out contiguous.
     """
     pid_s = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     o_s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)  # [BS]
-    o_j = tl.arange(0, HALF_PAD)  # [HP]
-    m_tile = (o_s < seq)[:, None] & (o_j < HALF)[None, :]  # [BS, HP]
-    o_freqs = o_s[:, None] * (2 * HALF) + 2 * o_j[None, :]
-    b_cos = tl.load(freqs_ptr + o_freqs, mask=m_tile, other=0.0)  # [BS, HP] float64
-    b_sin = tl.load(freqs_ptr + o_freqs + 1, mask=m_tile, other=0.0)  # [BS, HP] float64
-    p_x = x_ptr + pid_b * stride_xb + o_s[:, None] * stride_xs + (2 * o_j[None, :]) * stride_xd
-    p_out = out_ptr + (pid_b * seq + o_s[:, None]) * heads * (2 * HALF) + 2 * o_j[None, :]
+    o_d = tl.arange(0, 2 * HALF_PAD)  # [2HP]: element 2j + c of pair j
+    m_row = (o_s < seq)[:, None] & (o_d < 2 * HALF)[None, :]  # [BS, 2HP]
+    b_freqs = tl.load(freqs_ptr + o_s[:, None] * (2 * HALF) + o_d[None, :], mask=m_row, other=0.0)  # [BS, 2HP] float64
+    b_cos, b_sin = tl.split(tl.reshape(b_freqs, (BLOCK_S, HALF_PAD, 2)))  # [BS, HP] each
+    p_x = x_ptr + pid_b * stride_xb + o_s[:, None] * stride_xs + o_d[None, :] * stride_xd
+    p_out = out_ptr + (pid_b * seq + o_s[:, None]) * heads * (2 * HALF) + o_d[None, :]
     for h in range(heads):
-        b_re = tl.load(p_x + h * stride_xh, mask=m_tile, other=0.0).to(tl.float64)  # [BS, HP]
-        b_im = tl.load(p_x + h * stride_xh + stride_xd, mask=m_tile, other=0.0).to(tl.float64)
+        b_x = tl.load(p_x + h * stride_xh, mask=m_row, other=0.0).to(tl.float64)  # [BS, 2HP]
+        b_re, b_im = tl.split(tl.reshape(b_x, (BLOCK_S, HALF_PAD, 2)))  # [BS, HP] each
         b_out_re = b_re * b_cos - b_im * b_sin
         b_out_im = b_re * b_sin + b_im * b_cos
-        p_head = p_out + h * (2 * HALF)
-        tl.store(p_head, _cast(b_out_re.to(tl.float32), out_ptr.dtype.element_ty), mask=m_tile)
-        tl.store(p_head + 1, _cast(b_out_im.to(tl.float32), out_ptr.dtype.element_ty), mask=m_tile)
+        b_out = tl.reshape(tl.join(b_out_re, b_out_im), (BLOCK_S, 2 * HALF_PAD))  # [BS, 2HP] float64
+        tl.store(p_out + h * (2 * HALF), _cast(b_out.to(tl.float32), out_ptr.dtype.element_ty), mask=m_row)
 
 
 @triton.jit
