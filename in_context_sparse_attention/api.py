@@ -96,12 +96,12 @@ def editing_sparse_attention(
     out_padded = torch.empty(batch, layout.padded_len, heads, dim, dtype=q.dtype, device=q.device)
     full_block_attention(q, k, v, plan, out_padded)
     impl.sparse_block_attention(q, k, v, plan, out_padded)
-    if alpha is None or (not isinstance(alpha, torch.Tensor) and alpha == 0):
-        return out_padded[:, : layout.seq_len].contiguous()
-    if hasattr(impl, "add_residual"):  # optional fused, in-place residual of a kernel backend
-        impl.add_residual(out_padded, plan, alpha)
-        return out_padded[:, : layout.seq_len].contiguous()
-    out = out_padded[:, : layout.seq_len]
-    block_of_token = torch.arange(layout.seq_len, device=q.device) // layout.block_size
-    shortcut = plan.compressed_out[:, :, block_of_token].transpose(1, 2)  # [B, S, H, D] fp32
-    return (out.to(shortcut.dtype) + alpha * shortcut).to(q.dtype)
+    if alpha is not None and (isinstance(alpha, torch.Tensor) or alpha != 0):
+        if hasattr(impl, "add_residual"):  # optional fused, in-place residual of a kernel backend
+            impl.add_residual(out_padded, plan, alpha)
+        else:
+            block_of_token = torch.arange(layout.seq_len, device=q.device) // layout.block_size
+            shortcut = plan.compressed_out[:, :, block_of_token].transpose(1, 2)  # [B, S, H, D] fp32, a fresh tensor
+            # in place: each sum is formed in fp32 and rounded once to q's dtype, with one temporary
+            out_padded[:, : layout.seq_len].add_(shortcut.mul_(alpha))
+    return out_padded[:, : layout.seq_len].contiguous()
