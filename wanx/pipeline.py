@@ -63,11 +63,12 @@ class AttentionSection:
     """Self-attention kernel: "dense" or an ISA backend, and ISA's hyper-parameters."""
 
     backend: str = "tilelang"
-    block_size: int = 64
-    select_ratio: float = 0.125
-    sparsity: float = 0.0625
-    sharpness_ratio: float = 0.0625
-    flat_ratio: float = 0.5
+    # ISA's hyper-parameters default to ISAConfig's own, so the two cannot drift apart
+    block_size: int = ISAConfig.block_size
+    select_ratio: float = ISAConfig.select_ratio
+    sparsity: float = ISAConfig.sparsity
+    sharpness_ratio: float = ISAConfig.sharpness_ratio
+    flat_ratio: float = ISAConfig.flat_ratio
 
 
 @dataclass
