@@ -71,6 +71,11 @@ class BlockLayout:
         """NKV: blocks in the pruned key/value set (the same for every head)."""
         return self.num_target_blocks + self.num_selected(select_ratio) + int(self.extra_last_block)
 
+    def num_kv_tokens(self, select_ratio: float) -> int:
+        """L: real tokens in the pruned key/value set; only the partial last block, always
+        kept when there is one, carries padding."""
+        return self.num_kv_blocks(select_ratio) * self.block_size - (self.padded_len - self.seq_len)
+
     def num_full_query_blocks(self, flat_ratio: float) -> int:
         return int(math.floor(self.num_blocks * flat_ratio))
 

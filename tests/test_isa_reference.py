@@ -123,6 +123,8 @@ def test_pruned_set_has_no_duplicate_or_padding_block(t_len, c_len):
         assert max(ids) < layout.num_blocks
         if layout.last_block_partial:
             assert layout.num_blocks - 1 in ids
+        tokens = [t for j in ids for t in range(j * 64, min(layout.seq_len, (j + 1) * 64))]
+        assert len(tokens) == layout.num_kv_tokens(0.5)
 
 
 def test_straddling_block_tokens_appear_once_in_full_attention():

@@ -271,8 +271,7 @@ def attention_flops(seq_len: int, target_len: int, heads: int, head_dim: int,
     n_full = layout.num_full_query_blocks(config.flat_ratio)
     nkv = layout.num_kv_blocks(config.select_ratio)
     exact = layout.num_exact_blocks(config.sparsity, config.select_ratio)
-    kept_tokens = (min(layout.num_target_blocks * b, seq_len) + layout.num_selected(config.select_ratio) * b
-                   + (layout.last_block_size if layout.extra_last_block else 0))
+    kept_tokens = layout.num_kv_tokens(config.select_ratio)
     compressed = 4.0 * nb * nb * head_dim
     full = 4.0 * n_full * b * kept_tokens * head_dim
     sparse = (nb - n_full) * (2.0 * nkv * head_dim + 4.0 * b * b * exact * head_dim + 4.0 * b * (nkv - exact) * head_dim)
