@@ -2,7 +2,10 @@
 else PyTorch SDPA with its cuDNN kernel first (on an H100 at 65k tokens cuDNN runs at
 about 620 TFLOP/s, SDPA's own flash kernel at about 350), then flash, efficient, math.
 
-The choice is logged once per process so that a run never silently changes kernels.
+FlashAttention-3 is found under either of its import names: `flash_attn_interface` (the
+full build from the flash-attention repository's `hopper/` directory) or
+`fa3_fwd_interface` (the forward-only wheel `fa3-fwd` on PyPI, bf16 only). The choice is
+logged once per process so that a run never silently changes kernels.
 """
 from __future__ import annotations
 
@@ -21,11 +24,20 @@ _SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBac
 
 @functools.lru_cache(maxsize=None)
 def _flash_attn_3():
+    """FlashAttention-3's `flash_attn_func` and the dtypes its build has kernels for, or None."""
     try:
-        from flash_attn_interface import flash_attn_func  # FlashAttention-3 (Hopper)
+        from flash_attn_interface import flash_attn_func  # the full build (Hopper)
+
+        return flash_attn_func, _FLASH_DTYPES
+    except ImportError:
+        pass
+    try:
+        from fa3_fwd_interface import flash_attn_func  # the forward-only build
+        from fa3_fwd_config import CONFIG
     except ImportError:
         return None
-    return flash_attn_func
+    fp16_disabled = CONFIG.get("build_flags", {}).get("FLASHATTENTION_DISABLE_FP16", False)
+    return flash_attn_func, (torch.bfloat16,) if fp16_disabled else _FLASH_DTYPES
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,14 +54,20 @@ def _announce(kernel: str) -> None:
     logger.info("dense attention runs on %s", kernel)
 
 
-def dense_kernel_name(q: torch.Tensor) -> str:
-    """Name of the kernel `dense_attention` uses for tensors like `q`."""
-    if q.is_cuda and q.dtype in _FLASH_DTYPES and q.shape[-1] <= 256:
-        if _flash_attn_3() is not None:
+def kernel_for(is_cuda: bool, dtype: torch.dtype, head_dim: int) -> str:
+    """Name of the best kernel installed for CUDA or CPU tensors of this dtype and head dim."""
+    if is_cuda and dtype in _FLASH_DTYPES and head_dim <= 256:
+        flash_3 = _flash_attn_3()
+        if flash_3 is not None and dtype in flash_3[1]:
             return "FlashAttention-3"
         if _flash_attn_2() is not None:
             return "FlashAttention-2"
     return "PyTorch SDPA"  # on CUDA: cuDNN first, then flash, efficient, math
+
+
+def dense_kernel_name(q: torch.Tensor) -> str:
+    """Name of the kernel `dense_attention` uses for tensors like `q`."""
+    return kernel_for(q.is_cuda, q.dtype, q.shape[-1])
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str = "bshd") -> torch.Tensor:
@@ -76,7 +94,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: s
         return out.transpose(1, 2) if layout == "bshd" else out
     if layout == "bhsd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    func = _flash_attn_3() if kernel == "FlashAttention-3" else _flash_attn_2()
+    func = _flash_attn_3()[0] if kernel == "FlashAttention-3" else _flash_attn_2()
     out = func(q, k, v)
     if isinstance(out, tuple):  # some FlashAttention-3 builds also return the log-sum-exp
         out = out[0]
