@@ -36,7 +36,7 @@ def target_arch(device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=None)
 def compiled_kernel(kind: str, head_dim: int, dtype: str, block_size: int, arch: str):
-    """Build and compile one kernel ("pool" or "sparse"; dtype "float16" or "bfloat16")
+    """Build and compile one kernel ("pool", "sparse" or "residual"; dtype "float16" or "bfloat16")
     for `arch` (e.g. "sm_90a"), once per process.
 
     Compiling needs nvcc but no GPU, so this also runs on CPU-only machines (tests).
@@ -46,7 +46,11 @@ def compiled_kernel(kind: str, head_dim: int, dtype: str, block_size: int, arch:
 
     from . import tilelang_kernels
 
-    builders = {"pool": tilelang_kernels.build_pool_blocks, "sparse": tilelang_kernels.build_sparse_attention}
+    builders = {
+        "pool": tilelang_kernels.build_pool_blocks,
+        "sparse": tilelang_kernels.build_sparse_attention,
+        "residual": tilelang_kernels.build_add_residual,
+    }
     func = builders[kind](head_dim, dtype, block_size)
     return tilelang.compile(func, target={"kind": "cuda", "arch": arch}, pass_configs=_PASS_CONFIGS)
 
@@ -116,6 +120,23 @@ def sparse_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
         )
 
 
+def add_residual(out_padded: torch.Tensor, plan: ISAPlan, alpha) -> None:
+    """In place: out_padded[b, t] += alpha[b, t] * Oc[b, :, block(t)] at the real rows.
+
+    Args:
+        out_padded: [B, NB * b, H, D], contiguous; alpha: a float or a tensor
+            broadcastable to [B, S, 1, 1].
+    """
+    if not out_padded.is_contiguous():
+        raise ValueError("backend 'tilelang' adds the residual into a contiguous out_padded [B, NB * b, H, D]")
+    layout = plan.layout
+    batch = out_padded.shape[0]
+    gate = torch.as_tensor(alpha, dtype=torch.float32, device=out_padded.device)
+    gate = gate.expand(batch, layout.seq_len, 1, 1).reshape(batch, layout.seq_len).contiguous()  # [B, S] fp32
+    with torch.cuda.device(out_padded.device):
+        _kernel("residual", out_padded, layout.block_size)(out_padded, plan.compressed_out.contiguous(), gate)
+
+
 def unsupported_reason(head_dim: int, dtype: torch.dtype, block_size: int) -> str | None:
     """Why the kernels cannot run this head dim, dtype or block size; None when they can."""
     if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -128,7 +149,7 @@ def unsupported_reason(head_dim: int, dtype: torch.dtype, block_size: int) -> st
 
 
 class TileLangBackend:
-    """TileLang kernels for pooling and the sparse half; CUDA GPUs (Hopper: sm_90a)."""
+    """TileLang kernels for pooling, the sparse half and the residual; CUDA GPUs (Hopper: sm_90a)."""
 
     name = "tilelang"
 
@@ -145,3 +166,4 @@ class TileLangBackend:
 
     pool_blocks = staticmethod(pool_blocks)
     sparse_block_attention = staticmethod(sparse_block_attention)
+    add_residual = staticmethod(add_residual)

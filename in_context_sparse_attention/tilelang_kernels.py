@@ -171,3 +171,32 @@ def build_sparse_attention(
                     Out[bz, o_q + i, by, d] = b_o[i, d]
 
     return sparse_attention
+
+
+def build_add_residual(head_dim: int, dtype: str, block_size: int, threads: int = 128):
+    """ISA's gated residual, in place: Out[b, t, h] += Alpha[b, t] * Oc[b, h, t // b'].
+
+    Kernel arguments:
+        Out: [B, NB * b, H, D] `dtype`, updated at its real rows (< S) only; each sum is
+            formed in fp32 and rounded once.
+        Oc: [B, H, NB, D] fp32, the compressed attention output (the residual shortcut).
+        Alpha: [B, S] fp32, the per-token gate.
+    Grid: (H, NB, B), like the pooling kernel: one block of tokens of one head per program.
+    """
+    batch, seq_len, heads, num_blocks, padded_len = T.dynamic("batch, seq_len, heads, num_blocks, padded_len", INDEX)
+
+    @T.prim_func
+    def add_residual(
+        Out: T.Tensor([batch, padded_len, heads, head_dim], dtype),
+        Oc: T.Tensor([batch, heads, num_blocks, head_dim], ACCUM),
+        Alpha: T.Tensor([batch, seq_len], ACCUM),
+    ):
+        with T.Kernel(heads, num_blocks, batch, threads=threads) as (bh, bn, bz):
+            o_first = bn * block_size
+            for i, d in T.Parallel(block_size, head_dim):
+                if o_first + i < seq_len:
+                    Out[bz, o_first + i, bh, d] = T.cast(
+                        T.cast(Out[bz, o_first + i, bh, d], ACCUM) + Alpha[bz, o_first + i] * Oc[bz, bh, bn, d], dtype
+                    )
+
+    return add_residual

@@ -19,7 +19,7 @@ import shutil
 import pytest
 import torch
 
-from in_context_sparse_attention import ISAConfig, editing_sparse_attention, reference
+from in_context_sparse_attention import ISAConfig, editing_sparse_attention, reference, residual
 from in_context_sparse_attention.backends import get_backend
 from in_context_sparse_attention.layout import BlockLayout
 from in_context_sparse_attention.tilelang_backend import compiled_kernel, sparse_kernel_inputs, unsupported_reason
@@ -128,8 +128,16 @@ needs_compiler = pytest.mark.skipif(
     reason="building TileLang kernels needs nvcc on PATH and the tilelang package",
 )
 
-BUILDS = [("pool", 64, "bfloat16"), ("pool", 128, "bfloat16"), ("sparse", 64, "bfloat16"), ("sparse", 128, "bfloat16"), ("sparse", 128, "float16")]
-RUNTIME_SIZES = {"pool": ("batch", "seq_len", "heads", "num_blocks"), "sparse": ("seq_len", "num_sparse", "num_exact", "num_kv", "padded_len")}
+BUILDS = [
+    ("pool", 64, "bfloat16"), ("pool", 128, "bfloat16"),
+    ("sparse", 64, "bfloat16"), ("sparse", 128, "bfloat16"), ("sparse", 128, "float16"),
+    ("residual", 64, "float16"), ("residual", 128, "bfloat16"),
+]
+RUNTIME_SIZES = {
+    "pool": ("batch", "seq_len", "heads", "num_blocks"),
+    "sparse": ("seq_len", "num_sparse", "num_exact", "num_kv", "padded_len"),
+    "residual": ("batch", "seq_len", "heads", "num_blocks", "padded_len"),
+}
 
 
 @needs_compiler
@@ -251,6 +259,27 @@ def test_gpu_taylor_term_is_exact_when_keys_are_constant_in_blocks(record_proper
     dense = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(logits, dim=-1), v.double())
     every_row = torch.ones(got.shape[:3], dtype=torch.bool, device="cuda")
     assert_within_precision(got, torch_out, dense, every_row, 1e-3, record_property)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t_len, c_len, batch, heads, dim", GPU_CASES[:-1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("alpha_kind", ["float", "per token"])
+def test_gpu_residual_matches_torch(t_len, c_len, batch, heads, dim, dtype, alpha_kind):
+    """The fused residual against the PyTorch one (both add in fp32 and round once):
+    equal up to one rounding step, and padding rows untouched."""
+    seq = t_len + c_len
+    q, k, v = make_qkv(batch, seq, heads, dim, dtype, device="cuda", seed=seq)
+    layout = BlockLayout(seq_len=seq, target_len=t_len, block_size=64)
+    plan = plan_for(q, k, v, t_len, ISAConfig())
+    alpha = 0.3 if alpha_kind == "float" else torch.rand(batch, seq, 1, 1, device="cuda") - 0.5
+    start = torch.randn(batch, layout.padded_len, heads, dim, device="cuda").to(dtype)
+    got, want = start.clone(), start.clone()
+    get_backend("tilelang").add_residual(got, plan, alpha)
+    residual.add_residual(want, plan, alpha)
+    torch.testing.assert_close(got[:, :seq], want[:, :seq], rtol=2.0 ** -7, atol=1e-6)
+    assert torch.equal(got[:, seq:], start[:, seq:])
+    assert not torch.equal(got[:, :seq], start[:, :seq])
 
 
 @pytest.mark.gpu
