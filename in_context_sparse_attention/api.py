@@ -91,7 +91,8 @@ def editing_sparse_attention(
     impl.check_inputs(q, config)
     layout = BlockLayout(seq_len=q.shape[1], target_len=int(t_seq_len), block_size=config.block_size)
 
-    plan = make_plan(impl.pool_blocks(q, layout), impl.pool_blocks(k, layout), impl.pool_blocks(v, layout), layout, config)
+    plan_builder = getattr(impl, "make_plan", make_plan)  # a backend may build the same plan with kernels
+    plan = plan_builder(impl.pool_blocks(q, layout), impl.pool_blocks(k, layout), impl.pool_blocks(v, layout), layout, config)
     batch, _, heads, dim = q.shape
     out_padded = torch.empty(batch, layout.padded_len, heads, dim, dtype=q.dtype, device=q.device)
     full_block_attention(q, k, v, plan, out_padded)

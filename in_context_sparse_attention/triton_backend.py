@@ -13,6 +13,7 @@ import os
 import torch
 import triton
 
+from . import triton_selection
 from .layout import BlockLayout
 from .selection import ISAPlan
 
@@ -107,7 +108,8 @@ def add_residual(out_padded: torch.Tensor, plan: ISAPlan, alpha) -> None:
 
 
 class TritonBackend:
-    """Triton kernels for pooling and the sparse half; CUDA, or CPU under TRITON_INTERPRET=1."""
+    """Triton kernels for pooling, the block selections and the sparse half; CUDA, or CPU
+    under TRITON_INTERPRET=1."""
 
     name = "triton"
 
@@ -133,5 +135,6 @@ class TritonBackend:
             raise ValueError(f"backend 'triton' runs on CUDA (or CPU under TRITON_INTERPRET=1), got device {q.device}")
 
     pool_blocks = staticmethod(pool_blocks)
+    make_plan = staticmethod(triton_selection.make_plan)
     sparse_block_attention = staticmethod(sparse_block_attention)
     add_residual = staticmethod(add_residual)
