@@ -1,11 +1,13 @@
-"""Attention benchmark: every working ISA backend against dense PyTorch SDPA (cuDNN, flash).
+"""Attention benchmark: every working ISA backend against dense attention.
 
 For each S (T = C = S/2, B = 1, H = 40, D = 128, bf16 by default) it prints and records:
 median time (triton.testing.do_bench, CUDA events) of dense SDPA on its cuDNN and flash
-backends and of each ISA backend; speed-ups against both; ISA's (alpha = 0) relative L2
-error and cosine similarity against dense attention on random inputs and on a structured
-video-like input; and, for the Triton backend, the time of each stage. A backend whose
-output disagrees with the "torch" reference backend gets no speed-up reported.
+backends, of dense FlashAttention-3 when it is installed, and of each ISA backend;
+speed-ups against each; ISA's (alpha = 0) relative L2 error and cosine similarity against
+dense attention on random inputs and on a structured video-like input; and, at the sizes
+in --breakdown-at, the time of each stage of each ISA backend. ISA's full part runs on
+whichever dense kernel `dense_kernel_name` reports (printed with the versions). A backend
+whose output disagrees with the "torch" reference backend gets no speed-up reported.
 
     python benchmarks/bench_attention.py --json docs/benchmarks_attention.json
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -28,12 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from in_context_sparse_attention import BACKEND_NAMES, ISAConfig, editing_sparse_attention  # noqa: E402
 from in_context_sparse_attention.backends import get_backend  # noqa: E402
-from in_context_sparse_attention.dense import dense_attention  # noqa: E402
-from in_context_sparse_attention.full_attention import full_block_attention, gather_tokens, pruned_kv_token_ids  # noqa: E402
+from in_context_sparse_attention.dense import dense_attention, dense_kernel_name  # noqa: E402
+from in_context_sparse_attention import full_attention  # noqa: E402
 from in_context_sparse_attention.layout import BlockLayout  # noqa: E402
+from in_context_sparse_attention.residual import add_residual  # noqa: E402
 from in_context_sparse_attention.selection import make_plan  # noqa: E402
 
 DENSE_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION}
+FLASH_ATTENTION_3 = "flash_attn_3"  # the dense baseline's name when FlashAttention-3 is installed
+DENSE_LABELS = {"sdpa_cudnn": "cuDNN", "sdpa_flash": "flash", FLASH_ATTENTION_3: "FA3"}
 REFERENCE_AGREEMENT = 1e-2  # max relative L2 between a kernel backend and the "torch" backend
 
 
@@ -49,7 +55,13 @@ def environment() -> dict:
         "cudnn": torch.backends.cudnn.version(),
         "triton": triton.__version__,
         "device": torch.cuda.get_device_name(),
+        "isa_dense_kernel": dense_kernel_name(torch.empty(1, 1, 1, 128, dtype=torch.bfloat16, device="cuda")),
     }
+    for package in ("flash_attn", "fa3_fwd", "flash_attn_3"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     try:
         import tilelang
 
@@ -89,6 +101,15 @@ def dense_sdpa(q, k, v, backend: SDPBackend) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
+def dense_baselines(q: torch.Tensor) -> dict:
+    """The dense kernels to time, by name: SDPA's cuDNN and flash backends, and
+    FlashAttention-3 when `dense_attention` finds it. Each maps [B, S, H, D] q, k, v to the output."""
+    baselines = {name: (lambda q, k, v, b=backend: dense_sdpa(q, k, v, b)) for name, backend in DENSE_BACKENDS.items()}
+    if dense_kernel_name(q) == "FlashAttention-3":
+        baselines[FLASH_ATTENTION_3] = dense_attention
+    return baselines
+
+
 def agreement(x: torch.Tensor, ref: torch.Tensor) -> dict:
     """Relative L2 error and cosine similarity of x against ref (in fp32)."""
     x, ref = x.float().flatten(), ref.float().flatten()
@@ -124,9 +145,12 @@ def working_backends(names: list[str]) -> list[str]:
 
 def stage_breakdown(q, k, v, t_len: int, c_len: int, backend: str, config: ISAConfig, iters: int) -> dict:
     """Median ms of each stage of `editing_sparse_attention` (its steps, run one by one
-    between CUDA events), with a per-token alpha tensor as the model passes it.
-    The backend must have the fused `add_residual`."""
+    between CUDA events), with a per-token alpha tensor as the model passes it."""
     impl = get_backend(backend)
+    plan_fn = getattr(impl, "make_plan", make_plan)
+    residual_fn = getattr(impl, "add_residual", add_residual)
+    gather = getattr(impl, "gather_blocks", full_attention.gather_blocks)
+    scatter = getattr(impl, "scatter_blocks", full_attention.scatter_blocks)
     layout = BlockLayout(seq_len=q.shape[1], target_len=t_len, block_size=config.block_size)
     alpha = torch.rand(1, q.shape[1], 1, 1, device="cuda") * 0.25
     names = ["pooling", "selection", "full part (gather + dense + scatter)", "sparse kernel", "residual and output"]
@@ -136,14 +160,14 @@ def stage_breakdown(q, k, v, t_len: int, c_len: int, backend: str, config: ISACo
         events[0].record()
         means = [impl.pool_blocks(x, layout) for x in (q, k, v)]
         events[1].record()
-        plan = make_plan(*means, layout, config)
+        plan = plan_fn(*means, layout, config)
         events[2].record()
         out_padded = torch.empty(1, layout.padded_len, q.shape[2], q.shape[3], dtype=q.dtype, device="cuda")
-        full_block_attention(q, k, v, plan, out_padded)
+        full_attention.full_block_attention(q, k, v, plan, out_padded, gather=gather, scatter=scatter)
         events[3].record()
         impl.sparse_block_attention(q, k, v, plan, out_padded)
         events[4].record()
-        impl.add_residual(out_padded, plan, alpha)
+        residual_fn(out_padded, plan, alpha)
         out_padded[:, : layout.seq_len].contiguous()
         events[5].record()
         torch.cuda.synchronize()
@@ -152,10 +176,9 @@ def stage_breakdown(q, k, v, t_len: int, c_len: int, backend: str, config: ISACo
     result = {name: statistics.median(times[3:]) for name, times in samples.items()}
     result["total (with alpha tensor)"] = sum(result[name] for name in names)
 
-    q_ids = (plan.full_query_blocks[..., None] * layout.block_size + torch.arange(layout.block_size, device="cuda")).flatten(-2)
-    kv_ids = pruned_kv_token_ids(plan)
-    q_rows = gather_tokens(q.transpose(1, 2), q_ids.clamp(max=layout.seq_len - 1))
-    k_rows, v_rows = (gather_tokens(x.transpose(1, 2), kv_ids) for x in (k, v))
+    num_kv_tokens = layout.real_tokens_in(plan.kv_blocks.shape[-1])
+    q_rows = gather(q, plan.full_query_blocks, layout.block_size, plan.full_query_blocks.shape[-1] * layout.block_size)
+    k_rows, v_rows = (gather(x, plan.kv_blocks, layout.block_size, num_kv_tokens) for x in (k, v))
     result["of which dense kernel alone"] = median_ms(lambda: dense_attention(q_rows, k_rows, v_rows, layout="bhsd"), 50, 300)
     result["shapes"] = {"full_query_tokens": q_rows.shape[2], "pruned_kv_tokens": k_rows.shape[2]}
     if backend == "triton":
@@ -172,7 +195,8 @@ def run_size(seq: int, args, backends: list[str]) -> dict:
     row = {"seq_len": seq, "target_len": t_len, "source_len": c_len, "heads": args.heads, "head_dim": args.dim, "dtype": args.dtype}
     q, k, v = random_qkv(seq, args.heads, args.dim, dtype, seed=seq)
 
-    row["dense_ms"] = {name: median_ms(lambda: dense_sdpa(q, k, v, b), args.warmup, args.rep) for name, b in DENSE_BACKENDS.items()}
+    baselines = dense_baselines(q)
+    row["dense_ms"] = {name: median_ms(lambda: fn(q, k, v), args.warmup, args.rep) for name, fn in baselines.items()}
     dense_out = dense_sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
     torch_out = editing_sparse_attention(q, k, v, t_len, c_len, config=config, backend="torch")
     row["isa"] = {}
@@ -183,13 +207,13 @@ def run_size(seq: int, args, backends: list[str]) -> dict:
         entry["correct"] = entry["vs_torch_backend"]["finite"] and entry["vs_torch_backend"]["rel_l2"] <= REFERENCE_AGREEMENT
         entry["ms"] = median_ms(fn, args.warmup, args.rep)
         entry["speedup"] = (
-            {dense: row["dense_ms"][dense] / entry["ms"] for dense in DENSE_BACKENDS} if entry["correct"] else None
+            {dense: row["dense_ms"][dense] / entry["ms"] for dense in baselines} if entry["correct"] else None
         )
         row["isa"][name] = entry
     del dense_out, torch_out
 
-    if "triton" in backends and seq in args.breakdown_at:
-        row["triton_breakdown_ms"] = stage_breakdown(q, k, v, t_len, c_len, "triton", config, iters=10)
+    if seq in args.breakdown_at:
+        row["breakdown_ms"] = {name: stage_breakdown(q, k, v, t_len, c_len, name, config, iters=10) for name in backends}
     del q, k, v
     q, k, v = video_like_qkv(seq, args.heads, args.dim, dtype, seed=seq + 1)
     dense_out = dense_sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
@@ -202,21 +226,24 @@ def run_size(seq: int, args, backends: list[str]) -> dict:
 
 
 def markdown_table(rows: list[dict], backends: list[str]) -> str:
+    dense_names = list(rows[0]["dense_ms"]) if rows else []
+    labels = [DENSE_LABELS[name] for name in dense_names]
     lines = [
-        "| S | dense cuDNN ms | dense flash ms | ISA backend | ISA ms | speed-up vs cuDNN | vs flash "
-        "| rel L2 / cos vs dense (random) | rel L2 / cos vs dense (video-like) |",
-        "| ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | --- |",
+        "| S | " + " | ".join(f"dense {label} ms" for label in labels) + " | ISA backend | ISA ms | "
+        + " | ".join(f"speed-up vs {label}" for label in labels)
+        + " | rel L2 / cos vs dense (random) | rel L2 / cos vs dense (video-like) |",
+        "| ---: | " + "---: | " * len(labels) + "--- | ---: | " + "---: | " * len(labels) + "--- | --- |",
     ]
     for row in rows:
+        dense = " | ".join(f"{row['dense_ms'][name]:.1f}" for name in dense_names)
         for name in backends:
             entry = row["isa"][name]
             speed = entry["speedup"]
-            ups = (f"{speed['sdpa_cudnn']:.2f}x", f"{speed['sdpa_flash']:.2f}x") if speed else ("refused", "refused")
+            ups = " | ".join(f"{speed[dn]:.2f}x" if speed else "refused" for dn in dense_names)
             rnd, vid = entry["vs_dense_random"], entry["vs_dense_video"]
             lines.append(
-                f"| {row['seq_len']:,} | {row['dense_ms']['sdpa_cudnn']:.1f} | {row['dense_ms']['sdpa_flash']:.1f} | {name} "
-                f"| {entry['ms']:.1f} | {ups[0]} | {ups[1]} | {rnd['rel_l2']:.3f} / {rnd['cosine']:.4f} "
-                f"| {vid['rel_l2']:.3f} / {vid['cosine']:.4f} |"
+                f"| {row['seq_len']:,} | {dense} | {name} | {entry['ms']:.1f} | {ups} "
+                f"| {rnd['rel_l2']:.3f} / {rnd['cosine']:.4f} | {vid['rel_l2']:.3f} / {vid['cosine']:.4f} |"
             )
     return "\n".join(lines)
 
@@ -224,12 +251,15 @@ def markdown_table(rows: list[dict], backends: list[str]) -> str:
 def breakdown_table(rows: list[dict]) -> str:
     lines = []
     for row in rows:
-        stages = row.get("triton_breakdown_ms")
-        if not stages:
+        per_backend = row.get("breakdown_ms")
+        if not per_backend:
             continue
-        lines += [f"Triton ISA stages at S = {row['seq_len']:,} (median ms, alpha tensor):", "", "| stage | ms |", "| --- | ---: |"]
-        lines += [f"| {name} | {ms:.2f} |" for name, ms in stages.items() if name != "shapes"]
-        lines += ["", f"shapes: {stages['shapes']}", ""]
+        names = list(per_backend)
+        stages = [stage for stage in per_backend[names[0]] if stage != "shapes"]
+        lines += [f"ISA stages at S = {row['seq_len']:,} (median ms, alpha tensor):", ""]
+        lines += ["| stage | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+        lines += [f"| {stage} | " + " | ".join(f"{per_backend[n][stage]:.2f}" for n in names) + " |" for stage in stages]
+        lines += [""] + [f"{n} shapes: {per_backend[n]['shapes']}" for n in names] + [""]
     return "\n".join(lines)
 
 
@@ -240,7 +270,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--backends", nargs="+", default=list(BACKEND_NAMES), help="ISA backends to try")
-    parser.add_argument("--breakdown-at", type=int, nargs="*", default=[65536], help="S values with a Triton stage breakdown")
+    parser.add_argument("--breakdown-at", type=int, nargs="*", default=[65536], help="S values with a stage breakdown of each ISA backend")
     parser.add_argument("--warmup", type=int, default=100, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=500, help="do_bench repetition, ms")
     parser.add_argument("--json", default="docs/benchmarks_attention.json")

@@ -7,8 +7,9 @@ import torch
 
 from .backends import get_backend
 from .config import ISAConfig
-from .full_attention import full_block_attention
+from .full_attention import full_block_attention, gather_blocks, scatter_blocks
 from .layout import BlockLayout
+from .residual import add_residual
 from .selection import make_plan
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -95,14 +96,12 @@ def editing_sparse_attention(
     plan = plan_builder(impl.pool_blocks(q, layout), impl.pool_blocks(k, layout), impl.pool_blocks(v, layout), layout, config)
     batch, _, heads, dim = q.shape
     out_padded = torch.empty(batch, layout.padded_len, heads, dim, dtype=q.dtype, device=q.device)
-    full_block_attention(q, k, v, plan, out_padded)
+    full_block_attention(  # a backend may bring kernels for the block copies around the dense kernel
+        q, k, v, plan, out_padded,
+        gather=getattr(impl, "gather_blocks", gather_blocks), scatter=getattr(impl, "scatter_blocks", scatter_blocks),
+    )
     impl.sparse_block_attention(q, k, v, plan, out_padded)
     if alpha is not None and (isinstance(alpha, torch.Tensor) or alpha != 0):
-        if hasattr(impl, "add_residual"):  # optional fused, in-place residual of a kernel backend
-            impl.add_residual(out_padded, plan, alpha)
-        else:
-            block_of_token = torch.arange(layout.seq_len, device=q.device) // layout.block_size
-            shortcut = plan.compressed_out[:, :, block_of_token].transpose(1, 2)  # [B, S, H, D] fp32, a fresh tensor
-            # in place: each sum is formed in fp32 and rounded once to q's dtype, with one temporary
-            out_padded[:, : layout.seq_len].add_(shortcut.mul_(alpha))
+        residual_adder = getattr(impl, "add_residual", add_residual)  # a backend may fuse it into a kernel
+        residual_adder(out_padded, plan, alpha)
     return out_padded[:, : layout.seq_len].contiguous()

@@ -4,10 +4,16 @@
 - `sparse_block_attention(q, k, v, plan, out_padded)`: exact top-E + Taylor for the
   diffuse query blocks, written into out_padded [B, NB * b, H, D];
 and `check_inputs(q, config)`, which raises a clear ValueError for what it cannot run.
-Optionally `add_residual(out_padded, plan, alpha)`: adds alpha * Oc[block(t)] in place to
-the real rows of a contiguous out_padded (alpha a float or a tensor broadcastable to
-[B, S, 1, 1]); without it the residual is added in plain PyTorch.
-Everything else (block decisions, the dense half, the residual) is shared.
+Optionally:
+- `make_plan(qc, kc, vc, layout, config) -> ISAPlan`: the block decisions with kernels,
+  the same plan as `selection.make_plan` (used without it); the Triton and TileLang
+  backends share the Triton one (`triton_selection.py`);
+- `gather_blocks` and `scatter_blocks`: the block copies around the dense kernel, with
+  the contracts of `full_attention.gather_blocks` / `scatter_blocks` (PyTorch defaults);
+- `add_residual(out_padded, plan, alpha)`: adds alpha * Oc[block(t)] in place to the real
+  rows of a contiguous out_padded (alpha a float or a tensor broadcastable to
+  [B, S, 1, 1]); without it `residual.add_residual` (PyTorch) does it.
+Everything else (the dense half, and the defaults above) is shared.
 Backends are imported lazily, so a missing optional package only matters when it is used.
 """
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Shared by every backend. The pruned set has the same token count L for every head, so the
 selected tokens are gathered into [B, H, L, D] tensors and handed to the best dense kernel
-(`dense.py`): FlashAttention-3, -2, or PyTorch SDPA (cuDNN on Hopper).
+(`dense.py`): FlashAttention-3, -2, or PyTorch SDPA (cuDNN on Hopper). The gathers and the
+scatter of the output are plain PyTorch here; a backend may pass block-copy kernels
+(`gather_blocks`, `scatter_blocks`) with the same contracts.
 """
 from __future__ import annotations
 
@@ -23,32 +25,49 @@ def gather_tokens(x_bhsd: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor
     return torch.gather(x_bhsd, 2, token_ids[..., None].expand(-1, -1, -1, x_bhsd.shape[-1]))
 
 
-def pruned_kv_token_ids(plan: ISAPlan) -> torch.Tensor:
-    """Token ids of the pruned key/value set without padding: [B, H, L].
+def gather_blocks(x: torch.Tensor, blocks: torch.Tensor, block_size: int, num_tokens: int) -> torch.Tensor:
+    """The tokens of whole blocks, per head: x [B, S, H, D], blocks [B, H, N] -> [B, H, L, D].
 
-    Only the last block can be partial and, when it is, every head keeps it as its last
-    (highest) block, so its padding sits at the end of every row and is cut off there.
+    Row slot * b + r of head h is token blocks[b, h, slot] * b + r; only the first
+    L = num_tokens rows are kept. A token past S (only in a partial last block, which
+    always sits in the last slot) reads as token S - 1: such rows are never used.
     """
-    layout = plan.layout
-    ids = block_token_ids(plan.kv_blocks, layout.block_size)
-    return ids[..., : ids.shape[-1] - (layout.padded_len - layout.seq_len)]
+    ids = block_token_ids(blocks, block_size)[..., :num_tokens].clamp(max=x.shape[1] - 1)
+    return gather_tokens(x.transpose(1, 2), ids)
 
 
-def full_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ISAPlan, out_padded: torch.Tensor) -> None:
+def scatter_blocks(rows: torch.Tensor, blocks: torch.Tensor, out_padded: torch.Tensor) -> None:
+    """out_padded[b, blocks[b, h, slot] * b' + r, h] = rows[b, h, slot * b' + r] for every row.
+
+    Args: rows: [B, H, N * b', D]; blocks: [B, H, N]; out_padded: [B, NB * b', H, D].
+    """
+    if blocks.shape[-1] == 0:
+        return
+    ids = block_token_ids(blocks, rows.shape[2] // blocks.shape[-1])
+    out_padded.transpose(1, 2).scatter_(2, ids[..., None].expand(-1, -1, -1, rows.shape[-1]), rows.to(out_padded.dtype))
+
+
+def full_block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: ISAPlan,
+    out_padded: torch.Tensor,
+    gather=gather_blocks,
+    scatter=scatter_blocks,
+) -> None:
     """Write the output rows of the full (sharp) query blocks into `out_padded`.
 
     Args:
         q, k, v: [B, S, H, D].
         out_padded: [B, NB * b, H, D] output buffer; rows past S take the padding rows.
+        gather, scatter: block copies with the contracts of `gather_blocks` and `scatter_blocks`.
     """
     if plan.full_query_blocks.shape[-1] == 0:
         return
     layout = plan.layout
-    q_ids = block_token_ids(plan.full_query_blocks, layout.block_size)  # [B, H, Nf * b]
-    kv_ids = pruned_kv_token_ids(plan)  # [B, H, L]
-    q_rows = gather_tokens(q.transpose(1, 2), q_ids.clamp(max=layout.seq_len - 1))
-    k_rows = gather_tokens(k.transpose(1, 2), kv_ids)
-    v_rows = gather_tokens(v.transpose(1, 2), kv_ids)
-    o_rows = dense_attention(q_rows, k_rows, v_rows, layout="bhsd")  # [B, H, Nf * b, D]
-    out_bhsd = out_padded.transpose(1, 2)
-    out_bhsd.scatter_(2, q_ids[..., None].expand(-1, -1, -1, o_rows.shape[-1]), o_rows.to(out_padded.dtype))
+    num_kv_tokens = layout.real_tokens_in(plan.kv_blocks.shape[-1])
+    q_rows = gather(q, plan.full_query_blocks, layout.block_size, plan.full_query_blocks.shape[-1] * layout.block_size)
+    k_rows = gather(k, plan.kv_blocks, layout.block_size, num_kv_tokens)
+    v_rows = gather(v, plan.kv_blocks, layout.block_size, num_kv_tokens)
+    scatter(dense_attention(q_rows, k_rows, v_rows, layout="bhsd"), plan.full_query_blocks, out_padded)

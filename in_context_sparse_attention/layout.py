@@ -72,9 +72,13 @@ class BlockLayout:
         return self.num_target_blocks + self.num_selected(select_ratio) + int(self.extra_last_block)
 
     def num_kv_tokens(self, select_ratio: float) -> int:
-        """L: real tokens in the pruned key/value set; only the partial last block, always
-        kept when there is one, carries padding."""
-        return self.num_kv_blocks(select_ratio) * self.block_size - (self.padded_len - self.seq_len)
+        """L: real tokens in the pruned key/value set."""
+        return self.real_tokens_in(self.num_kv_blocks(select_ratio))
+
+    def real_tokens_in(self, num_kv_blocks: int) -> int:
+        """Real tokens in a pruned key/value set of `num_kv_blocks` blocks: only the partial
+        last block, always kept when there is one, carries padding."""
+        return num_kv_blocks * self.block_size - (self.padded_len - self.seq_len)
 
     def num_full_query_blocks(self, flat_ratio: float) -> int:
         return int(math.floor(self.num_blocks * flat_ratio))

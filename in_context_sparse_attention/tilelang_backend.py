@@ -13,6 +13,7 @@ import importlib.util
 
 import torch
 
+from . import triton_backend, triton_selection
 from .layout import BlockLayout
 from .selection import ISAPlan
 
@@ -165,5 +166,9 @@ class TileLangBackend:
             raise ValueError(f"the tilelang backend needs the tilelang package (pip install tilelang==0.1.15); {_HINT}")
 
     pool_blocks = staticmethod(pool_blocks)
+    # shared with the Triton backend: the block selection, and the block copies around the dense kernel
+    make_plan = staticmethod(triton_selection.make_plan)
+    gather_blocks = staticmethod(triton_backend.gather_blocks)
+    scatter_blocks = staticmethod(triton_backend.scatter_blocks)
     sparse_block_attention = staticmethod(sparse_block_attention)
     add_residual = staticmethod(add_residual)

@@ -107,6 +107,42 @@ def add_residual(out_padded: torch.Tensor, plan: ISAPlan, alpha) -> None:
     )
 
 
+def gather_blocks(x: torch.Tensor, blocks: torch.Tensor, block_size: int, num_tokens: int) -> torch.Tensor:
+    """The tokens of whole blocks, per head: x [B, S, H, D], blocks [B, H, N] -> [B, H, L, D].
+
+    Row slot * b + r of head h is token blocks[b, h, slot] * b + r; only the first
+    L = num_tokens rows are kept, and a token past S (a partial last block) reads as 0.
+    """
+    batch, seq, heads, dim = x.shape
+    num_slots = blocks.shape[-1]
+    out = torch.empty(batch, heads, num_tokens, dim, dtype=x.dtype, device=x.device)
+    if num_slots == 0 or num_tokens == 0:
+        return out
+    _kernels().gather_blocks_kernel[(batch * heads, triton.cdiv(num_tokens, block_size))](
+        x, blocks.contiguous(), out, seq, heads, num_slots, num_tokens, *x.stride(),
+        BLOCK=block_size, HEAD_DIM=dim, num_warps=4,
+    )
+    return out
+
+
+def scatter_blocks(rows: torch.Tensor, blocks: torch.Tensor, out_padded: torch.Tensor) -> None:
+    """The inverse of `gather_blocks` into the padded output: out_padded[b, blocks[b, h, slot] * b' + r, h]
+    = rows[b, h, slot * b' + r] for every row r of every slot.
+
+    Args: rows: [B, H, N * b', D] (any strides); blocks: [B, H, N]; out_padded: [B, NB * b', H, D], contiguous.
+    """
+    batch, heads, num_rows, dim = rows.shape
+    num_slots = blocks.shape[-1]
+    if num_slots == 0:
+        return
+    if not out_padded.is_contiguous():
+        raise ValueError("scatter_blocks writes into a contiguous out_padded [B, NB * b, H, D]")
+    _kernels().scatter_blocks_kernel[(batch * heads, num_slots)](
+        rows, blocks.contiguous(), out_padded, heads, num_slots, out_padded.shape[1], *rows.stride(),
+        BLOCK=num_rows // num_slots, HEAD_DIM=dim, num_warps=4,
+    )
+
+
 class TritonBackend:
     """Triton kernels for pooling, the block selections and the sparse half; CUDA, or CPU
     under TRITON_INTERPRET=1."""
@@ -136,5 +172,7 @@ class TritonBackend:
 
     pool_blocks = staticmethod(pool_blocks)
     make_plan = staticmethod(triton_selection.make_plan)
+    gather_blocks = staticmethod(gather_blocks)
+    scatter_blocks = staticmethod(scatter_blocks)
     sparse_block_attention = staticmethod(sparse_block_attention)
     add_residual = staticmethod(add_residual)

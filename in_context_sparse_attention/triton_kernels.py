@@ -224,3 +224,66 @@ def add_residual_kernel(
     b_shortcut = tl.load(compressed_out_ptr + (batch_head * num_blocks + block) * HEAD_DIM + o_d)  # [D]
     b_out = b_out + b_alpha[:, None] * b_shortcut[None, :]
     tl.store(out_ptrs, _round_to(b_out, out_ptr.dtype.element_ty, INTERPRETER), mask=m_tok[:, None])
+
+
+@triton.jit
+def gather_blocks_kernel(
+    x_ptr,  # [B, S, H, D], any strides
+    blocks_ptr,  # [B, H, N] int64, contiguous: the block id of each slot
+    out_ptr,  # [B, H, L, D], contiguous: written
+    seq_len,
+    heads,
+    num_slots,  # N
+    num_tokens,  # L <= N * BLOCK
+    stride_xb,
+    stride_xs,
+    stride_xh,
+    stride_xd,
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """One program per (batch * head, slot): out[b, h, slot * BLOCK + r] = x[b, block * BLOCK + r, h]
+    for the rows below L; a token past S (only in a partial last block) is written as 0.
+    Heads vary fastest, so programs running together read neighbouring memory."""
+    batch_head = tl.program_id(0)
+    slot = tl.program_id(1)
+    batch = batch_head // heads
+    head = batch_head % heads
+    block = tl.load(blocks_ptr + batch_head * num_slots + slot)
+    o_r = tl.arange(0, BLOCK)
+    o_d = tl.arange(0, HEAD_DIM)
+    o_tok = block * BLOCK + o_r
+    o_row = slot * BLOCK + o_r
+    x_ptrs = x_ptr + batch * stride_xb + head * stride_xh + o_tok[:, None] * stride_xs + o_d[None, :] * stride_xd
+    b_x = tl.load(x_ptrs, mask=(o_tok < seq_len)[:, None], other=0.0)
+    tl.store(out_ptr + (batch_head * num_tokens + o_row[:, None]) * HEAD_DIM + o_d[None, :], b_x, mask=(o_row < num_tokens)[:, None])
+
+
+@triton.jit
+def scatter_blocks_kernel(
+    rows_ptr,  # [B, H, N * BLOCK, D], any strides
+    blocks_ptr,  # [B, H, N] int64, contiguous: the block id of each slot
+    out_ptr,  # [B, NB * BLOCK, H, D], contiguous: written at the slots' blocks
+    heads,
+    num_slots,  # N
+    padded_len,  # NB * BLOCK
+    stride_rb,
+    stride_rh,
+    stride_rs,
+    stride_rd,
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """One program per (batch * head, slot): out[b, block * BLOCK + r, h] = rows[b, h, slot * BLOCK + r]
+    for every r (out has the padding rows of a partial last block)."""
+    batch_head = tl.program_id(0)
+    slot = tl.program_id(1)
+    batch = batch_head // heads
+    head = batch_head % heads
+    block = tl.load(blocks_ptr + batch_head * num_slots + slot)
+    o_r = tl.arange(0, BLOCK)
+    o_d = tl.arange(0, HEAD_DIM)
+    rows_ptrs = rows_ptr + batch * stride_rb + head * stride_rh + (slot * BLOCK + o_r[:, None]) * stride_rs + o_d[None, :] * stride_rd
+    b_rows = tl.load(rows_ptrs)
+    out_rows = batch * padded_len + block * BLOCK + o_r
+    tl.store(out_ptr + (out_rows[:, None] * heads + head) * HEAD_DIM + o_d[None, :], b_rows)

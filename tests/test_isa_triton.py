@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from in_context_sparse_attention import ISAConfig, editing_sparse_attention
-from in_context_sparse_attention import reference
+from in_context_sparse_attention import full_attention, reference
 from in_context_sparse_attention.backends import get_backend
 from in_context_sparse_attention.layout import BlockLayout
 from in_context_sparse_attention.triton_backend import interpreting
@@ -37,13 +37,56 @@ AWKWARD_SIZES = [
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seq, non_contiguous", [(1, False), (63, True), (65, False), (113, True), (256, False)])
-def test_pool_blocks_matches_torch(seq, non_contiguous, dtype):
-    layout = BlockLayout(seq_len=seq, target_len=max(1, seq // 3), block_size=64)
-    x = make_qkv(2, seq, 3, 64, dtype, non_contiguous=non_contiguous)[0]
+@pytest.mark.parametrize("heads, block_size", [(3, 64), (11, 32)])  # 11 heads: a full and a partial group of 8
+def test_pool_blocks_matches_torch(seq, non_contiguous, dtype, heads, block_size):
+    layout = BlockLayout(seq_len=seq, target_len=max(1, seq // 3), block_size=block_size)
+    x = make_qkv(2, seq, heads, 64, dtype, non_contiguous=non_contiguous)[0]
     got = get_backend("triton").pool_blocks(x, layout)
     want = reference.pool_blocks(x, layout)
     assert got.dtype == torch.float32 and got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def check_block_copies(q, k, v, t_len, config):
+    """The Triton gather and scatter against the PyTorch ones, for the plan's query and key/value blocks."""
+    triton_backend = get_backend("triton")
+    plan = plan_for(q, k, v, t_len, config)
+    layout = plan.layout
+    seq = layout.seq_len
+    for x, blocks, num_tokens in (
+        (q, plan.full_query_blocks, plan.full_query_blocks.shape[-1] * layout.block_size),
+        (k, plan.kv_blocks, layout.real_tokens_in(plan.kv_blocks.shape[-1])),
+    ):
+        got = triton_backend.gather_blocks(x, blocks, layout.block_size, num_tokens)
+        want = full_attention.gather_blocks(x, blocks, layout.block_size, num_tokens)
+        assert got.shape == want.shape == (x.shape[0], x.shape[2], num_tokens, x.shape[3])
+        real = full_attention.block_token_ids(blocks, layout.block_size)[..., :num_tokens] < seq  # [B, H, L]
+        assert torch.equal(got[real], want[real])
+        assert (got[~real] == 0).all(), "tokens past S read as 0"
+    blocks = plan.full_query_blocks
+    rows = torch.randn(q.shape[0], q.shape[2], blocks.shape[-1] * layout.block_size, q.shape[3]).to(q.dtype)
+    got, want = (torch.full((q.shape[0], layout.padded_len, q.shape[2], q.shape[3]), math.nan, dtype=q.dtype) for _ in range(2))
+    triton_backend.scatter_blocks(rows, blocks, got)
+    full_attention.scatter_blocks(rows, blocks, want)
+    assert torch.equal(got.isnan(), want.isnan()), "the same rows are written"
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    strided_rows = rows.transpose(1, 2).contiguous().transpose(1, 2)  # the layout FlashAttention returns
+    triton_backend.scatter_blocks(strided_rows, blocks, got)
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+@needs_interpreter
+@pytest.mark.parametrize("t_len, c_len, batch, heads, dim", AWKWARD_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_copies_match_torch(t_len, c_len, batch, heads, dim, dtype):
+    q, k, v = make_qkv(batch, t_len + c_len, heads, dim, dtype, non_contiguous=(dim == 64), seed=t_len)
+    check_block_copies(q, k, v, t_len, ISAConfig(select_ratio=0.5))
+
+
+@needs_interpreter
+def test_block_copies_with_block_size_32():
+    q, k, v = make_qkv(1, 150, 2, 64, torch.float32, seed=3)
+    check_block_copies(q, k, v, 70, ISAConfig(block_size=32, select_ratio=0.5))
 
 
 @needs_interpreter
