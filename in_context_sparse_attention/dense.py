@@ -5,12 +5,16 @@ about 620 TFLOP/s, SDPA's own flash kernel at about 350), then flash, efficient,
 FlashAttention-3 is found under either of its import names: `flash_attn_interface` (the
 full build from the flash-attention repository's `hopper/` directory) or
 `fa3_fwd_interface` (the forward-only wheel `fa3-fwd` on PyPI, bf16 only). The choice is
-logged once per process so that a run never silently changes kernels.
+logged once per process so that a run never silently changes kernels. The environment
+variable ISA_DENSE_KERNEL pins it: "auto" (the default, the order above), "fa3", "fa2"
+(an error if not installed) or "sdpa"; a kernel that cannot take the tensors (a CPU
+tensor, a dtype it lacks) falls back to SDPA either way.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -54,13 +58,30 @@ def _announce(kernel: str) -> None:
     logger.info("dense attention runs on %s", kernel)
 
 
+_CHOICES = ("auto", "fa3", "fa2", "sdpa")
+
+
+def _pinned_kernel() -> str:
+    """ISA_DENSE_KERNEL's value, checked; "auto" when it is unset."""
+    choice = os.environ.get("ISA_DENSE_KERNEL", "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"ISA_DENSE_KERNEL must be one of {', '.join(_CHOICES)}, got {choice!r}")
+    if choice == "fa3" and _flash_attn_3() is None:
+        raise ValueError("ISA_DENSE_KERNEL=fa3 but FlashAttention-3 is not installed (flash_attn_interface or fa3_fwd_interface)")
+    if choice == "fa2" and _flash_attn_2() is None:
+        raise ValueError("ISA_DENSE_KERNEL=fa2 but FlashAttention-2 is not installed (pip install flash-attn)")
+    return choice
+
+
 def kernel_for(is_cuda: bool, dtype: torch.dtype, head_dim: int) -> str:
-    """Name of the best kernel installed for CUDA or CPU tensors of this dtype and head dim."""
+    """Name of the kernel for CUDA or CPU tensors of this dtype and head dim: the best one
+    installed, or the one ISA_DENSE_KERNEL pins."""
+    choice = _pinned_kernel()
     if is_cuda and dtype in _FLASH_DTYPES and head_dim <= 256:
         flash_3 = _flash_attn_3()
-        if flash_3 is not None and dtype in flash_3[1]:
+        if choice in ("auto", "fa3") and flash_3 is not None and dtype in flash_3[1]:
             return "FlashAttention-3"
-        if _flash_attn_2() is not None:
+        if choice in ("auto", "fa2") and _flash_attn_2() is not None:
             return "FlashAttention-2"
     return "PyTorch SDPA"  # on CUDA: cuDNN first, then flash, efficient, math
 

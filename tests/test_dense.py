@@ -127,3 +127,29 @@ def test_dense_attention_on_gpu_matches_float64(layout, dtype, lengths):
     assert torch.isfinite(out).all()
     bound = 2.0 * 2.0**-8 if dtype == torch.bfloat16 else 2.0 * 2.0**-11
     assert relative_l2(out, expected) < bound
+
+
+def test_env_pins_sdpa_even_with_flash_attention_installed(monkeypatch, fresh_kernel_cache):
+    fake_module(monkeypatch, "flash_attn_interface", flash_attn_func=lambda q, k, v: q)
+    fake_module(monkeypatch, "flash_attn", flash_attn_func=lambda q, k, v: q)
+    monkeypatch.setenv("ISA_DENSE_KERNEL", "sdpa")
+    assert kernel_for(True, torch.bfloat16, 128) == "PyTorch SDPA"
+    monkeypatch.setenv("ISA_DENSE_KERNEL", "fa2")
+    assert kernel_for(True, torch.bfloat16, 128) == "FlashAttention-2"
+    monkeypatch.setenv("ISA_DENSE_KERNEL", "FA3")
+    assert kernel_for(True, torch.bfloat16, 128) == "FlashAttention-3"
+
+
+def test_env_pinning_a_missing_kernel_is_a_clear_error(monkeypatch, fresh_kernel_cache):
+    hide_module(monkeypatch, "flash_attn_interface")
+    hide_module(monkeypatch, "fa3_fwd_interface")
+    hide_module(monkeypatch, "flash_attn")
+    monkeypatch.setenv("ISA_DENSE_KERNEL", "fa3")
+    with pytest.raises(ValueError, match="ISA_DENSE_KERNEL=fa3 but FlashAttention-3 is not installed"):
+        kernel_for(True, torch.bfloat16, 128)
+    monkeypatch.setenv("ISA_DENSE_KERNEL", "fa2")
+    with pytest.raises(ValueError, match="ISA_DENSE_KERNEL=fa2 but FlashAttention-2 is not installed"):
+        kernel_for(True, torch.bfloat16, 128)
+    monkeypatch.setenv("ISA_DENSE_KERNEL", "cudnn")
+    with pytest.raises(ValueError, match="ISA_DENSE_KERNEL must be one of auto, fa3, fa2, sdpa, got 'cudnn'"):
+        kernel_for(True, torch.bfloat16, 128)
