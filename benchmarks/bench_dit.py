@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds model.py
 
 import model as model_module  # noqa: E402
-from in_context_sparse_attention import ISAConfig  # noqa: E402
+from in_context_sparse_attention import ISAConfig, dense_kernel_name  # noqa: E402
 from model import TINY_CONFIG, WanDiT  # noqa: E402
 
 
@@ -183,6 +183,7 @@ def main() -> None:
         "target_tokens": tokens,
         "source_tokens": tokens,
         "isa_config": dataclasses.asdict(ISAConfig()),
+        "dense_kernel": dense_kernel_name(torch.empty(1, 1, 1, 128, dtype=dtype, device=device)),
     }
     print(json.dumps(info, indent=1))
 
