@@ -81,6 +81,19 @@ def split_query_blocks(probs: torch.Tensor, layout: BlockLayout, config: ISAConf
     return order[..., :n_full].sort(dim=-1).values, order[..., n_full:].sort(dim=-1).values
 
 
+def exact_block_scores(
+    query_means: torch.Tensor, key_means: torch.Tensor, kv_blocks: torch.Tensor, sparse_query_blocks: torch.Tensor
+) -> torch.Tensor:
+    """qbar . kbar_j of each sparse query block against each pruned block: [B, H, Ns, NKV] fp32.
+
+    Args: query_means, key_means: [B, H, NB, D] fp32; kv_blocks: [B, H, NKV]; sparse_query_blocks: [B, H, Ns].
+    """
+    head_dim = query_means.shape[-1]
+    qbar = torch.gather(query_means, 2, sparse_query_blocks[..., None].expand(-1, -1, -1, head_dim))
+    kbar = torch.gather(key_means, 2, kv_blocks[..., None].expand(-1, -1, -1, head_dim))
+    return torch.matmul(qbar, kbar.transpose(-1, -2))
+
+
 def choose_exact_blocks(
     query_means: torch.Tensor,
     key_means: torch.Tensor,
@@ -95,10 +108,7 @@ def choose_exact_blocks(
         kv_blocks: [B, H, NKV]; sparse_query_blocks: [B, H, Ns].
     Returns: [B, H, Ns, E] int64 positions into kv_blocks, ascending.
     """
-    head_dim = query_means.shape[-1]
-    qbar = torch.gather(query_means, 2, sparse_query_blocks[..., None].expand(-1, -1, -1, head_dim))
-    kbar = torch.gather(key_means, 2, kv_blocks[..., None].expand(-1, -1, -1, head_dim))
-    scores = torch.matmul(qbar, kbar.transpose(-1, -2))  # [B, H, Ns, NKV]
+    scores = exact_block_scores(query_means, key_means, kv_blocks, sparse_query_blocks)
     return scores.argsort(dim=-1, descending=True)[..., :num_exact].sort(dim=-1).values
 
 
@@ -108,14 +118,22 @@ def make_plan(
     value_means: torch.Tensor,
     layout: BlockLayout,
     config: ISAConfig,
+    *,
+    select_context=select_context_blocks,
+    split_queries=split_query_blocks,
+    choose_exact=choose_exact_blocks,
 ) -> ISAPlan:
-    """Run ISA's block-level steps 2-5 on pooled q, k, v ([B, H, NB, D] fp32)."""
+    """Run ISA's block-level steps 2-5 on pooled q, k, v ([B, H, NB, D] fp32).
+
+    The three selection steps may be replaced by functions with the same contracts (the
+    Triton backend's top-k kernels, `triton_selection.py`).
+    """
     probs, compressed_out = compressed_attention(query_means, key_means, value_means)
-    kv_blocks = select_context_blocks(probs, layout, config.select_ratio)
-    full_blocks, sparse_blocks = split_query_blocks(probs, layout, config)
+    kv_blocks = select_context(probs, layout, config.select_ratio)
+    full_blocks, sparse_blocks = split_queries(probs, layout, config)
     counts = layout.block_counts(query_means.device)
     num_exact = layout.num_exact_blocks(config.sparsity, config.select_ratio)
-    exact = choose_exact_blocks(query_means, key_means, kv_blocks, sparse_blocks, num_exact)
+    exact = choose_exact(query_means, key_means, kv_blocks, sparse_blocks, num_exact)
     return ISAPlan(
         layout=layout,
         block_counts=counts,

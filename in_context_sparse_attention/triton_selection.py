@@ -19,7 +19,8 @@ import triton
 
 from .config import ISAConfig
 from .layout import BlockLayout
-from .selection import ISAPlan, compressed_attention
+from . import selection
+from .selection import ISAPlan, exact_block_scores
 
 # values one program holds in registers: 16 per thread at 4 warps, ~60 registers per thread
 _TILE_ELEMENTS = 2048
@@ -127,10 +128,7 @@ def choose_exact_blocks(
     exact = torch.empty(batch, heads, num_sparse, num_exact, dtype=torch.long, device=query_means.device)
     if num_sparse == 0:
         return exact
-    head_dim = query_means.shape[-1]
-    qbar = torch.gather(query_means, 2, sparse_query_blocks[..., None].expand(-1, -1, -1, head_dim))
-    kbar = torch.gather(key_means, 2, kv_blocks[..., None].expand(-1, -1, -1, head_dim))
-    scores = torch.matmul(qbar, kbar.transpose(-1, -2)).contiguous()  # [B, H, Ns, NKV]
+    scores = exact_block_scores(query_means, key_means, kv_blocks, sparse_query_blocks).contiguous()  # [B, H, Ns, NKV]
     num_rows = batch * heads * num_sparse
     rows, kv, warps = _row_tiles(num_kv)
     _kernels().exact_blocks_kernel[(triton.cdiv(num_rows, rows),)](
@@ -147,21 +145,8 @@ def make_plan(
     config: ISAConfig,
 ) -> ISAPlan:
     """ISA's block-level steps 2-5 on pooled q, k, v ([B, H, NB, D] fp32);
-    the same plan as `selection.make_plan`."""
-    probs, compressed_out = compressed_attention(query_means, key_means, value_means)
-    kv_blocks = select_context_blocks(probs, layout, config.select_ratio)
-    full_blocks, sparse_blocks = split_query_blocks(probs, layout, config)
-    counts = layout.block_counts(query_means.device)
-    num_exact = layout.num_exact_blocks(config.sparsity, config.select_ratio)
-    exact = choose_exact_blocks(query_means, key_means, kv_blocks, sparse_blocks, num_exact)
-    return ISAPlan(
-        layout=layout,
-        block_counts=counts,
-        key_means=key_means,
-        value_sums=value_means * counts[:, None].to(value_means.dtype),
-        compressed_out=compressed_out,
-        kv_blocks=kv_blocks,
-        full_query_blocks=full_blocks,
-        sparse_query_blocks=sparse_blocks,
-        exact_positions=exact,
+    the same plan as `selection.make_plan`, with the selections above."""
+    return selection.make_plan(
+        query_means, key_means, value_means, layout, config,
+        select_context=select_context_blocks, split_queries=split_query_blocks, choose_exact=choose_exact_blocks,
     )
