@@ -94,5 +94,5 @@ class BlockLayout:
     def block_counts(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Real tokens per block: [NB] int32."""
         counts = torch.full((self.num_blocks,), self.block_size, dtype=torch.int32, device=device)
-        counts[-1] = self.last_block_size
+        counts[-1:].fill_(self.last_block_size)  # a fill kernel: `counts[-1] = n` would copy n from the host and wait
         return counts

@@ -22,3 +22,16 @@ def add_residual(out_padded: torch.Tensor, plan: ISAPlan, alpha) -> None:
     block_of_token = torch.arange(layout.seq_len, device=out_padded.device) // layout.block_size
     shortcut = plan.compressed_out[:, :, block_of_token].transpose(1, 2)  # [B, S, H, D] fp32, a fresh tensor
     out_padded[:, : layout.seq_len].add_(shortcut.mul_(alpha))
+
+
+def per_token_gate(alpha, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """alpha as a contiguous [B, S] fp32 tensor on `device`, for the fused residual kernels.
+
+    A float is filled in on the device: `torch.as_tensor(float, device=cuda)` would copy it
+    from the host and make the host wait for the GPU, in the middle of every call.
+    Args: alpha: a float or a tensor broadcastable to [B, S, 1, 1].
+    """
+    if isinstance(alpha, torch.Tensor):
+        gate = alpha.to(device=device, dtype=torch.float32).expand(batch, seq_len, 1, 1)
+        return gate.reshape(batch, seq_len).contiguous()
+    return torch.full((batch, seq_len), float(alpha), dtype=torch.float32, device=device)

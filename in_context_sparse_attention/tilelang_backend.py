@@ -15,6 +15,7 @@ import torch
 
 from . import triton_backend, triton_selection
 from .layout import BlockLayout
+from .residual import per_token_gate
 from .selection import ISAPlan
 
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -132,8 +133,7 @@ def add_residual(out_padded: torch.Tensor, plan: ISAPlan, alpha) -> None:
         raise ValueError("backend 'tilelang' adds the residual into a contiguous out_padded [B, NB * b, H, D]")
     layout = plan.layout
     batch = out_padded.shape[0]
-    gate = torch.as_tensor(alpha, dtype=torch.float32, device=out_padded.device)
-    gate = gate.expand(batch, layout.seq_len, 1, 1).reshape(batch, layout.seq_len).contiguous()  # [B, S] fp32
+    gate = per_token_gate(alpha, batch, layout.seq_len, out_padded.device)
     with torch.cuda.device(out_padded.device):
         _kernel("residual", out_padded, layout.block_size)(out_padded, plan.compressed_out.contiguous(), gate)
 

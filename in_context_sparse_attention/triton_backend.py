@@ -15,6 +15,7 @@ import triton
 
 from . import triton_selection
 from .layout import BlockLayout
+from .residual import per_token_gate
 from .selection import ISAPlan
 
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -99,8 +100,7 @@ def add_residual(out_padded: torch.Tensor, plan: ISAPlan, alpha) -> None:
     batch, _, heads, dim = out_padded.shape
     if not out_padded.is_contiguous():
         raise ValueError("add_residual needs a contiguous out_padded")
-    gate = torch.as_tensor(alpha, dtype=torch.float32, device=out_padded.device)
-    gate = gate.expand(batch, layout.seq_len, 1, 1).reshape(batch, layout.seq_len).contiguous()  # [B, S] fp32
+    gate = per_token_gate(alpha, batch, layout.seq_len, out_padded.device)
     _kernels().add_residual_kernel[(batch * heads, layout.num_blocks)](
         out_padded, plan.compressed_out.contiguous(), gate, layout.seq_len, heads, layout.num_blocks,
         BLOCK=layout.block_size, HEAD_DIM=dim, INTERPRETER=out_padded.device.type == "cpu", num_warps=4,
