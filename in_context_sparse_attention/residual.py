@@ -1,6 +1,7 @@
 """ISA step 6's gated residual in PyTorch: out += alpha * Oc[block(token)], in place.
 
-The default for backends without a fused `add_residual` hook (the Triton backend has one).
+The default for backends without a fused `add_residual` hook (Triton and TileLang have one);
+`per_token_gate` prepares alpha for those kernels.
 """
 from __future__ import annotations
 
