@@ -1,11 +1,14 @@
 """Attention benchmark: every working ISA backend against dense attention.
 
 For each S (T = C = S/2, B = 1, H = 40, D = 128, bf16 by default) it prints and records:
-median time (triton.testing.do_bench, CUDA events) of dense SDPA on its cuDNN and flash
+median time (triton.testing.do_bench, CUDA events; with --repeats N the median of N
+such medians, the methods interleaved) of dense SDPA on its cuDNN and flash
 backends, of dense FlashAttention-3 when it is installed, and of each ISA backend;
 speed-ups against each; ISA's (alpha = 0) relative L2 error and cosine similarity against
 dense attention on random inputs and on a structured video-like input; and, at the sizes
-in --breakdown-at, the time of each stage of each ISA backend. ISA's full part runs on
+in --breakdown-at, the time of each stage of each ISA backend. Every timing is recorded
+with the GPU's SM clock, power and temperature while it ran (`gpu_monitor.py`), since
+the H100 lowers its clock on its own under load. ISA's full part runs on
 whichever dense kernel `dense_kernel_name` reports (printed with the versions). A backend
 whose output disagrees with the "torch" reference backend gets no speed-up reported.
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.metadata
 import json
 import platform
@@ -28,6 +32,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the package
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder, for gpu_monitor
 
 from in_context_sparse_attention import BACKEND_NAMES, ISAConfig, editing_sparse_attention  # noqa: E402
 from in_context_sparse_attention.backends import get_backend  # noqa: E402
@@ -36,6 +41,7 @@ from in_context_sparse_attention import full_attention  # noqa: E402
 from in_context_sparse_attention.layout import BlockLayout  # noqa: E402
 from in_context_sparse_attention.residual import add_residual  # noqa: E402
 from in_context_sparse_attention.selection import make_plan  # noqa: E402
+from gpu_monitor import GpuMonitor, describe  # noqa: E402
 
 DENSE_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION}
 FLASH_ATTENTION_3 = "flash_attn_3"  # the dense baseline's name when FlashAttention-3 is installed
@@ -124,6 +130,15 @@ def median_ms(fn, warmup: int, rep: int) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def timed(label: str, fn, warmup: int, rep: int, monitor: GpuMonitor) -> tuple[float, dict | None]:
+    """The median ms of fn and the GPU's state while it was timed; prints both."""
+    start = monitor.now()
+    ms = median_ms(fn, warmup, rep)
+    state = monitor.state_since(start)
+    print(f"  {label}: {ms:.2f} ms ({describe(state)})", flush=True)
+    return ms, state
+
+
 def working_backends(names: list[str]) -> list[str]:
     """The ISA backends that import and run a small CUDA case; the others are reported."""
     q, k, v = random_qkv(300, 2, 128, torch.bfloat16, seed=1)
@@ -188,7 +203,7 @@ def stage_breakdown(q, k, v, t_len: int, c_len: int, backend: str, config: ISACo
     return result
 
 
-def run_size(seq: int, args, backends: list[str]) -> dict:
+def run_size(seq: int, args, backends: list[str], monitor: GpuMonitor) -> dict:
     t_len = c_len = seq // 2
     config = ISAConfig()
     dtype = getattr(torch, args.dtype)
@@ -196,21 +211,35 @@ def run_size(seq: int, args, backends: list[str]) -> dict:
     q, k, v = random_qkv(seq, args.heads, args.dim, dtype, seed=seq)
 
     baselines = dense_baselines(q)
-    row["dense_ms"] = {name: median_ms(lambda: fn(q, k, v), args.warmup, args.rep) for name, fn in baselines.items()}
     dense_out = dense_sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
     torch_out = editing_sparse_attention(q, k, v, t_len, c_len, config=config, backend="torch")
-    row["isa"] = {}
+    isa_calls, row["isa"], out = {}, {}, None
     for name in backends:
-        fn = lambda: editing_sparse_attention(q, k, v, t_len, c_len, config=config, backend=name)  # noqa: E731
-        out = fn()
+        isa_calls[name] = functools.partial(editing_sparse_attention, q, k, v, t_len, c_len, config=config, backend=name)
+        out = isa_calls[name]()  # also compiles and autotunes before any timing
         entry = {"vs_dense_random": agreement(out, dense_out), "vs_torch_backend": agreement(out, torch_out)}
         entry["correct"] = entry["vs_torch_backend"]["finite"] and entry["vs_torch_backend"]["rel_l2"] <= REFERENCE_AGREEMENT
-        entry["ms"] = median_ms(fn, args.warmup, args.rep)
+        entry["ms_runs"], entry["gpu_states"] = [], []
+        row["isa"][name] = entry
+    row["dense_ms_runs"] = {name: [] for name in baselines}
+    row["dense_gpu_states"] = {name: [] for name in baselines}
+    for run in range(args.repeats):  # interleaved, so that every method meets the same GPU states
+        for name, fn in baselines.items():
+            ms, state = timed(f"S={seq} run {run + 1} dense {name}", functools.partial(fn, q, k, v), args.warmup, args.rep, monitor)
+            row["dense_ms_runs"][name].append(ms)
+            row["dense_gpu_states"][name].append(state)
+        for name in backends:
+            ms, state = timed(f"S={seq} run {run + 1} ISA {name}", isa_calls[name], args.warmup, args.rep, monitor)
+            row["isa"][name]["ms_runs"].append(ms)
+            row["isa"][name]["gpu_states"].append(state)
+    row["dense_ms"] = {name: statistics.median(runs) for name, runs in row["dense_ms_runs"].items()}
+    for name in backends:
+        entry = row["isa"][name]
+        entry["ms"] = statistics.median(entry["ms_runs"])
         entry["speedup"] = (
             {dense: row["dense_ms"][dense] / entry["ms"] for dense in baselines} if entry["correct"] else None
         )
-        row["isa"][name] = entry
-    del dense_out, torch_out
+    del dense_out, torch_out, out, isa_calls
 
     if seq in args.breakdown_at:
         row["breakdown_ms"] = {name: stage_breakdown(q, k, v, t_len, c_len, name, config, iters=10) for name in backends}
@@ -273,6 +302,7 @@ def main() -> None:
     parser.add_argument("--breakdown-at", type=int, nargs="*", default=[65536], help="S values with a stage breakdown of each ISA backend")
     parser.add_argument("--warmup", type=int, default=100, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=500, help="do_bench repetition, ms")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved timings of every method; the median is reported")
     parser.add_argument("--json", default="docs/benchmarks_attention.json")
     parser.add_argument("--markdown", default=None, help="also write the tables to this file")
     args = parser.parse_args()
@@ -284,9 +314,10 @@ def main() -> None:
     backends = working_backends(args.backends)
     print(f"ISA backends: {backends}")
     rows = []
-    for seq in args.seq_lens:
-        rows.append(run_size(seq, args, backends))
-        print(json.dumps(rows[-1]), flush=True)
+    with GpuMonitor(torch.cuda.current_device()) as monitor:
+        for seq in args.seq_lens:
+            rows.append(run_size(seq, args, backends, monitor))
+            print(json.dumps(rows[-1]), flush=True)
     tables = markdown_table(rows, backends) + "\n\n" + breakdown_table(rows)
     with open(args.json, "w") as handle:
         json.dump({"environment": env, "backends": backends, "results": rows}, handle, indent=2)

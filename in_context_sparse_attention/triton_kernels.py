@@ -1,8 +1,8 @@
 """Triton kernels of ISA: block pooling and the sparse (exact top-E + Taylor) attention.
 
-Pointer arithmetic only (no block pointers), so the same source runs on triton 3.6 (GPU)
-and on triton 3.9's CPU interpreter (TRITON_INTERPRET=1). Host-side launching lives in
-`triton_backend.py`.
+Pointer arithmetic and host-built tensor descriptors only (no block pointers), so the
+same source runs on triton 3.6 (GPU) and on triton 3.9's CPU interpreter
+(TRITON_INTERPRET=1). Host-side launching lives in `triton_backend.py`.
 
 Naming: `b_` a tile in registers, `o_` offsets, `m_` masks, upper case compile-time sizes.
 Token tensors are [B, S, H, D] with any strides; every softmax works in base 2 with the
@@ -88,12 +88,12 @@ def _online_softmax_step(b_scores, m_i, l_i, b_acc, b_weights_for_sum, b_values,
 
 @triton.jit
 def sparse_block_attention_kernel(
-    q_ptr,  # [B, S, H, D], any strides
-    k_ptr,  # [B, S, H, D]
-    v_ptr,  # [B, S, H, D]
+    q_desc,  # descriptor of q viewed as [B, S, H * D], block [1, BLOCK, HEAD_DIM]
+    k_desc,  # the same for k
+    v_desc,  # the same for v
     out_ptr,  # [B, NB * BLOCK, H, D], any strides
-    taylor_keys_ptr,  # [B, H, NKV, D] q's dtype, contiguous: kbar of each pruned block
-    taylor_values_ptr,  # [B, H, NKV, D] q's dtype, contiguous: Vsum of each pruned block
+    taylor_keys_desc,  # descriptor of [B * H, NKV, D] (q's dtype): kbar of each pruned block, block [1, TAYLOR_TILE, HEAD_DIM]
+    taylor_values_desc,  # the same for Vsum of each pruned block
     taylor_counts_ptr,  # [B, H, NKV] fp32, contiguous: n_j of each pruned block
     sparse_blocks_ptr,  # [B, H, Ns] int32, contiguous: diffuse query block ids
     exact_positions_ptr,  # [B, H, Ns, E] int32, contiguous: positions into kv_blocks
@@ -104,21 +104,21 @@ def sparse_block_attention_kernel(
     num_sparse,
     num_exact,
     qk_scale_log2,  # 1/sqrt(D) * log2(e)
-    stride_qb, stride_qs, stride_qh, stride_qd,
-    stride_kb, stride_ks, stride_kh, stride_kd,
-    stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    BLOCK_KV: tl.constexpr,  # pruned blocks per Taylor tile
+    TAYLOR_TILE: tl.constexpr,  # pruned blocks per Taylor tile
     EXACT_PAD: tl.constexpr,  # power of two >= E
+    TAYLOR_STAGES: tl.constexpr,  # software-pipeline depth of the Taylor loop
     INTERPRETER: tl.constexpr,  # True on the CPU interpreter (see _dot, _round_to)
 ):
     """One program per (diffuse query block, batch * head).
 
-    The Taylor operands are laid out per pruned block (NKV rows per head: 12 MB in all
-    at 65,536 tokens, 40 heads) and already rounded to the operand dtype; k and v are
-    read in place. fp32 inputs: tl.dot runs in TF32 on the GPU (exact fp32 on the CPU).
+    q, k, v and the Taylor operands are read through tensor descriptors (TMA on Hopper):
+    no per-element addresses in registers, and rows past the end of a tensor read as
+    zeros. The Taylor operands are laid out per pruned block (NKV rows per head: 12 MB in
+    all at 65,536 tokens, 40 heads) and already rounded to the operand dtype; k and v
+    are read in place. fp32 inputs: tl.dot runs in TF32 on the GPU (exact fp32 on the CPU).
 
     out_q = (sum_{j in E} sum_{t in j} 2^{s_qt} v_t + sum_{j not in E} 2^{s_qj} Vsum_j)
           / (sum_{j in E} sum_{t in j} 2^{s_qt}     + sum_{j not in E} n_j 2^{s_qj})
@@ -126,8 +126,8 @@ def sparse_block_attention_kernel(
     online-softmax state over the Taylor tiles and then the exact blocks.
 
     Contract: a partial key block (only the last block of the grid) contributes its
-    n_j real tokens, read through a mask; padding rows of a partial query block are
-    loaded as zeros and never stored, so out's padding rows are left as they were.
+    n_j real tokens, the others get logit -inf; padding rows of a partial query block
+    read as zeros and are never stored, so out's padding rows are left as they were.
     Every row sees E >= 1 exact blocks, each with at least one real token, so the
     denominator is positive.
     """
@@ -135,13 +135,10 @@ def sparse_block_attention_kernel(
     batch_head = tl.program_id(1)
     batch = batch_head // heads
     head = batch_head % heads
+    column = head * HEAD_DIM  # of this head in the [B, S, H * D] views
 
     query_block = tl.load(sparse_blocks_ptr + batch_head * num_sparse + sparse_index)
-    o_q = query_block * BLOCK + tl.arange(0, BLOCK)
-    o_d = tl.arange(0, HEAD_DIM)
-    m_q = o_q < seq_len
-    q_ptrs = q_ptr + batch * stride_qb + head * stride_qh + o_q[:, None] * stride_qs + o_d[None, :] * stride_qd
-    b_q = tl.load(q_ptrs, mask=m_q[:, None], other=0.0)  # [BLOCK, D]
+    b_q = tl.reshape(q_desc.load([batch, query_block * BLOCK, column]), [BLOCK, HEAD_DIM])
 
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
@@ -152,44 +149,40 @@ def sparse_block_attention_kernel(
     b_exact_positions = tl.load(exact_positions_ptr + table_row + o_e, mask=o_e < num_exact, other=-1)  # [EXACT_PAD]
 
     # Taylor terms: every pruned block that is not exact, through its mean key.
-    taylor_row = batch_head * num_kv
-    for kv_start in range(0, num_kv, BLOCK_KV):
-        o_kv = kv_start + tl.arange(0, BLOCK_KV)
+    for kv_start in tl.range(0, num_kv, TAYLOR_TILE, num_stages=TAYLOR_STAGES):
+        o_kv = kv_start + tl.arange(0, TAYLOR_TILE)
         m_kv = o_kv < num_kv
         is_exact = tl.sum((o_kv[:, None] == b_exact_positions[None, :]).to(tl.int32), axis=1) > 0
         m_taylor = m_kv & (is_exact == 0)
-        taylor_offsets = (taylor_row + o_kv[:, None]) * HEAD_DIM + o_d[None, :]  # [BLOCK_KV, D]
-        b_kbar = tl.load(taylor_keys_ptr + taylor_offsets, mask=m_kv[:, None], other=0.0)
-        b_vsum = tl.load(taylor_values_ptr + taylor_offsets, mask=m_kv[:, None], other=0.0)
-        b_counts = tl.load(taylor_counts_ptr + taylor_row + o_kv, mask=m_kv, other=0.0)  # [BLOCK_KV]
-        b_scores = _dot(b_q, tl.trans(b_kbar), INTERPRETER) * qk_scale_log2  # [BLOCK, BLOCK_KV]
+        b_kbar = tl.reshape(taylor_keys_desc.load([batch_head, kv_start, 0]), [TAYLOR_TILE, HEAD_DIM])
+        b_vsum = tl.reshape(taylor_values_desc.load([batch_head, kv_start, 0]), [TAYLOR_TILE, HEAD_DIM])
+        b_counts = tl.load(taylor_counts_ptr + batch_head * num_kv + o_kv, mask=m_kv, other=0.0)  # [TAYLOR_TILE]
+        b_scores = _dot(b_q, tl.trans(b_kbar), INTERPRETER) * qk_scale_log2  # [BLOCK, TAYLOR_TILE]
         b_scores = tl.where(m_taylor[None, :], b_scores, float("-inf"))
         m_i, l_i, b_acc = _online_softmax_step(b_scores, m_i, l_i, b_acc, b_counts, b_vsum, INTERPRETER)
 
     # Exact blocks: their real tokens, read from the original k and v through the table.
-    k_base = k_ptr + batch * stride_kb + head * stride_kh
-    v_base = v_ptr + batch * stride_vb + head * stride_vh
     ones = tl.full([BLOCK], 1.0, dtype=tl.float32)
     for e in range(0, num_exact):
         key_block = tl.load(exact_blocks_ptr + table_row + e)
-        o_k = key_block * BLOCK + tl.arange(0, BLOCK)
-        m_k = o_k < seq_len
-        b_k = tl.load(k_base + o_k[:, None] * stride_ks + o_d[None, :] * stride_kd, mask=m_k[:, None], other=0.0)
-        b_v = tl.load(v_base + o_k[:, None] * stride_vs + o_d[None, :] * stride_vd, mask=m_k[:, None], other=0.0)
+        b_k = tl.reshape(k_desc.load([batch, key_block * BLOCK, column]), [BLOCK, HEAD_DIM])
+        b_v = tl.reshape(v_desc.load([batch, key_block * BLOCK, column]), [BLOCK, HEAD_DIM])
+        m_k = key_block * BLOCK + tl.arange(0, BLOCK) < seq_len
         b_scores = _dot(b_q, tl.trans(b_k), INTERPRETER) * qk_scale_log2  # [BLOCK, BLOCK]
         b_scores = tl.where(m_k[None, :], b_scores, float("-inf"))
         m_i, l_i, b_acc = _online_softmax_step(b_scores, m_i, l_i, b_acc, ones, b_v, INTERPRETER)
 
     b_out = b_acc / l_i[:, None]
+    o_q = query_block * BLOCK + tl.arange(0, BLOCK)
+    o_d = tl.arange(0, HEAD_DIM)
     out_ptrs = out_ptr + batch * stride_ob + head * stride_oh + o_q[:, None] * stride_os + o_d[None, :] * stride_od
-    tl.store(out_ptrs, _round_to(b_out, out_ptr.dtype.element_ty, INTERPRETER), mask=m_q[:, None])
+    tl.store(out_ptrs, _round_to(b_out, out_ptr.dtype.element_ty, INTERPRETER), mask=(o_q < seq_len)[:, None])
 
 
 SPARSE_TUNING_CONFIGS = [
-    triton.Config({"BLOCK_KV": block_kv}, num_warps=warps, num_stages=stages)
-    for block_kv in (64, 128)
-    for warps in (4, 8)
-    for stages in (2, 3, 4)
+    triton.Config({"TAYLOR_STAGES": taylor_stages}, num_warps=4, num_stages=stages)
+    for taylor_stages in (1, 2)
+    for stages in (2, 3)
 ]
 # GPU entry: tuned once per (head dim, block size, NKV, E) on the first call.
 sparse_block_attention_kernel_tuned = triton.autotune(
