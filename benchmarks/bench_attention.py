@@ -39,7 +39,7 @@ from in_context_sparse_attention.backends import get_backend  # noqa: E402
 from in_context_sparse_attention.dense import dense_attention, dense_kernel_name  # noqa: E402
 from in_context_sparse_attention import full_attention  # noqa: E402
 from in_context_sparse_attention.layout import BlockLayout  # noqa: E402
-from in_context_sparse_attention.residual import add_residual  # noqa: E402
+from in_context_sparse_attention.residual import GatedShortcut, add_residual  # noqa: E402
 from in_context_sparse_attention.selection import make_plan  # noqa: E402
 from gpu_monitor import GpuMonitor, describe  # noqa: E402
 
@@ -160,7 +160,8 @@ def working_backends(names: list[str]) -> list[str]:
 
 def stage_breakdown(q, k, v, t_len: int, c_len: int, backend: str, config: ISAConfig, iters: int) -> dict:
     """Median ms of each stage of `editing_sparse_attention` (its steps, run one by one
-    between CUDA events), with a per-token alpha tensor as the model passes it."""
+    between CUDA events), with a per-token alpha tensor as the model passes it. A backend
+    that fuses the residual into its scatter and sparse kernel has it timed there."""
     impl = get_backend(backend)
     plan_fn = getattr(impl, "make_plan", make_plan)
     residual_fn = getattr(impl, "add_residual", add_residual)
@@ -168,6 +169,7 @@ def stage_breakdown(q, k, v, t_len: int, c_len: int, backend: str, config: ISACo
     scatter = getattr(impl, "scatter_blocks", full_attention.scatter_blocks)
     layout = BlockLayout(seq_len=q.shape[1], target_len=t_len, block_size=config.block_size)
     alpha = torch.rand(1, q.shape[1], 1, 1, device="cuda") * 0.25
+    fused = getattr(impl, "fuses_residual", False)  # the residual is added by the scatter and the sparse kernel
     names = ["pooling", "selection", "full part (gather + dense + scatter)", "sparse kernel", "residual and output"]
     samples = {name: [] for name in names}
     for _ in range(iters + 3):
@@ -177,12 +179,14 @@ def stage_breakdown(q, k, v, t_len: int, c_len: int, backend: str, config: ISACo
         events[1].record()
         plan = plan_fn(*means, layout, config)
         events[2].record()
+        residual = {"residual": GatedShortcut.of(plan, alpha, q.device)} if fused else {}
         out_padded = torch.empty(1, layout.padded_len, q.shape[2], q.shape[3], dtype=q.dtype, device="cuda")
-        full_attention.full_block_attention(q, k, v, plan, out_padded, gather=gather, scatter=scatter)
+        full_attention.full_block_attention(q, k, v, plan, out_padded, gather=gather, scatter=scatter, **residual)
         events[3].record()
-        impl.sparse_block_attention(q, k, v, plan, out_padded)
+        impl.sparse_block_attention(q, k, v, plan, out_padded, **residual)
         events[4].record()
-        residual_fn(out_padded, plan, alpha)
+        if not fused:
+            residual_fn(out_padded, plan, alpha)
         out_padded[:, : layout.seq_len].contiguous()
         events[5].record()
         torch.cuda.synchronize()

@@ -9,7 +9,7 @@ from .backends import get_backend
 from .config import ISAConfig
 from .full_attention import full_block_attention, gather_blocks, scatter_blocks
 from .layout import BlockLayout
-from .residual import add_residual
+from .residual import GatedShortcut, add_residual
 from .selection import make_plan
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -96,12 +96,16 @@ def editing_sparse_attention(
     plan = plan_builder(impl.pool_blocks(q, layout), impl.pool_blocks(k, layout), impl.pool_blocks(v, layout), layout, config)
     batch, _, heads, dim = q.shape
     out_padded = torch.empty(batch, layout.padded_len, heads, dim, dtype=q.dtype, device=q.device)
+    with_residual = alpha is not None and (isinstance(alpha, torch.Tensor) or alpha != 0)
+    fused = with_residual and getattr(impl, "fuses_residual", False)  # added by the kernels that write the rows
+    residual = {"residual": GatedShortcut.of(plan, alpha, q.device)} if fused else {}
     full_block_attention(  # a backend may bring kernels for the block copies around the dense kernel
         q, k, v, plan, out_padded,
         gather=getattr(impl, "gather_blocks", gather_blocks), scatter=getattr(impl, "scatter_blocks", scatter_blocks),
+        **residual,
     )
-    impl.sparse_block_attention(q, k, v, plan, out_padded)
-    if alpha is not None and (isinstance(alpha, torch.Tensor) or alpha != 0):
-        residual_adder = getattr(impl, "add_residual", add_residual)  # a backend may fuse it into a kernel
+    impl.sparse_block_attention(q, k, v, plan, out_padded, **residual)
+    if with_residual and not fused:
+        residual_adder = getattr(impl, "add_residual", add_residual)  # a backend may bring a kernel for it
         residual_adder(out_padded, plan, alpha)
     return out_padded[:, : layout.seq_len].contiguous()

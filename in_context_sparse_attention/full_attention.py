@@ -55,6 +55,7 @@ def full_block_attention(
     out_padded: torch.Tensor,
     gather=gather_blocks,
     scatter=scatter_blocks,
+    residual=None,
 ) -> None:
     """Write the output rows of the full (sharp) query blocks into `out_padded`.
 
@@ -62,6 +63,8 @@ def full_block_attention(
         q, k, v: [B, S, H, D].
         out_padded: [B, NB * b, H, D] output buffer; rows past S take the padding rows.
         gather, scatter: block copies with the contracts of `gather_blocks` and `scatter_blocks`.
+        residual: a `residual.GatedShortcut` for a scatter that adds it as it writes
+            (passed as `scatter(..., residual=residual)`), or None.
     """
     if plan.full_query_blocks.shape[-1] == 0:
         return
@@ -70,4 +73,8 @@ def full_block_attention(
     q_rows = gather(q, plan.full_query_blocks, layout.block_size, plan.full_query_blocks.shape[-1] * layout.block_size)
     k_rows = gather(k, plan.kv_blocks, layout.block_size, num_kv_tokens)
     v_rows = gather(v, plan.kv_blocks, layout.block_size, num_kv_tokens)
-    scatter(dense_attention(q_rows, k_rows, v_rows, layout="bhsd"), plan.full_query_blocks, out_padded)
+    rows = dense_attention(q_rows, k_rows, v_rows, layout="bhsd")
+    if residual is None:
+        scatter(rows, plan.full_query_blocks, out_padded)
+    else:
+        scatter(rows, plan.full_query_blocks, out_padded, residual=residual)

@@ -1,13 +1,35 @@
-"""ISA step 6's gated residual in PyTorch: out += alpha * Oc[block(token)], in place.
+"""ISA step 6's gated residual: out += alpha * Oc[block(token)].
 
-The default for backends without a fused `add_residual` hook (Triton and TileLang have one);
-`per_token_gate` prepares alpha for those kernels.
+`add_residual` is the PyTorch pass over the finished output, the default for backends
+without an `add_residual` hook (TileLang has one). `GatedShortcut` carries the residual
+into kernels that add it while they write their rows (the Triton backend's scatter and
+sparse kernel), which saves a pass over the whole output; `per_token_gate` prepares alpha
+for kernels.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .selection import ISAPlan
+
+
+@dataclass
+class GatedShortcut:
+    """The residual as kernels read it: row t of head h of batch b gets
+    gate[b, t] * shortcut[b, h, t // block_size] added (formed in fp32, rounded once).
+
+    shortcut: [B, H, NB, D] fp32, contiguous (Oc). gate: [B, S] fp32, contiguous.
+    """
+
+    shortcut: torch.Tensor
+    gate: torch.Tensor
+
+    @classmethod
+    def of(cls, plan: ISAPlan, alpha, device: torch.device) -> "GatedShortcut":
+        batch = plan.compressed_out.shape[0]
+        return cls(plan.compressed_out.contiguous(), per_token_gate(alpha, batch, plan.layout.seq_len, device))
 
 
 def add_residual(out_padded: torch.Tensor, plan: ISAPlan, alpha) -> None:

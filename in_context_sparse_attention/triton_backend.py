@@ -16,7 +16,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import triton_selection
 from .layout import BlockLayout
-from .residual import per_token_gate
+from .residual import GatedShortcut
 from .selection import ISAPlan
 
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -77,7 +77,13 @@ def _descriptor_ready(x: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_block_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ISAPlan, out_padded: torch.Tensor, tiles: dict | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: ISAPlan,
+    out_padded: torch.Tensor,
+    residual: GatedShortcut | None = None,
+    tiles: dict | None = None,
 ):
     """Exact top-E blocks plus 0-th order Taylor terms for the diffuse query blocks.
 
@@ -86,6 +92,7 @@ def sparse_block_attention(
             their (H, D) axes are contiguous (a copy is made otherwise).
         plan: the block decisions; out_padded: [B, NB * b, H, D], written at the real rows
             of the diffuse query blocks only.
+        residual: ISA's gated residual, added to every row written; or None.
         tiles: a fixed kernel configuration (TAYLOR_STAGES, num_warps, num_stages,
             optionally maxnreg) instead of the autotuned one on CUDA
             (benchmarks/tune_sparse_kernel.py); the interpreter always runs INTERPRETER_SPARSE_TILES.
@@ -121,32 +128,15 @@ def sparse_block_attention(
         kernel, tiles = kernels.sparse_block_attention_kernel_tuned, {}
     else:
         kernel = kernels.sparse_block_attention_kernel
+    shortcut, gate = (residual.shortcut, residual.gate) if residual is not None else (taylor_counts, taylor_counts)
     return kernel[(num_sparse, batch * heads)](
         *(_token_descriptor(_descriptor_ready(x), layout.block_size) for x in (q, k, v)), out_padded,
         *taylor_descriptors, taylor_counts,
-        plan.sparse_query_blocks.to(torch.int32).contiguous(), exact_positions, exact_blocks,
-        seq, heads, num_kv, num_sparse, num_exact, _LOG2_E / math.sqrt(dim), *out_padded.stride(),
+        plan.sparse_query_blocks.to(torch.int32).contiguous(), exact_positions, exact_blocks, shortcut, gate,
+        seq, heads, layout.num_blocks, num_kv, num_sparse, num_exact, _LOG2_E / math.sqrt(dim), *out_padded.stride(),
         BLOCK=layout.block_size, HEAD_DIM=dim, TAYLOR_TILE=TAYLOR_TILE,
-        EXACT_PAD=max(16, triton.next_power_of_2(num_exact)), INTERPRETER=q.device.type == "cpu",
-        **tiles,
-    )
-
-
-def add_residual(out_padded: torch.Tensor, plan: ISAPlan, alpha) -> None:
-    """In place: out_padded[b, t] += alpha[b, t] * Oc[b, :, block(t)] at the real rows.
-
-    Args:
-        out_padded: [B, NB * b, H, D], contiguous; alpha: a float or a tensor
-            broadcastable to [B, S, 1, 1].
-    """
-    layout = plan.layout
-    batch, _, heads, dim = out_padded.shape
-    if not out_padded.is_contiguous():
-        raise ValueError("add_residual needs a contiguous out_padded")
-    gate = per_token_gate(alpha, batch, layout.seq_len, out_padded.device)
-    _kernels().add_residual_kernel[(batch * heads, layout.num_blocks)](
-        out_padded, plan.compressed_out.contiguous(), gate, layout.seq_len, heads, layout.num_blocks,
-        BLOCK=layout.block_size, HEAD_DIM=dim, INTERPRETER=out_padded.device.type == "cpu", num_warps=COPY_WARPS,
+        EXACT_PAD=max(16, triton.next_power_of_2(num_exact)), HAS_RESIDUAL=residual is not None,
+        INTERPRETER=q.device.type == "cpu", **tiles,
     )
 
 
@@ -168,11 +158,12 @@ def gather_blocks(x: torch.Tensor, blocks: torch.Tensor, block_size: int, num_to
     return out
 
 
-def scatter_blocks(rows: torch.Tensor, blocks: torch.Tensor, out_padded: torch.Tensor) -> None:
+def scatter_blocks(rows: torch.Tensor, blocks: torch.Tensor, out_padded: torch.Tensor, residual: GatedShortcut | None = None) -> None:
     """The inverse of `gather_blocks` into the padded output: out_padded[b, blocks[b, h, slot] * b' + r, h]
-    = rows[b, h, slot * b' + r] for every row r of every slot.
+    = rows[b, h, slot * b' + r] for every row r of every slot, plus the residual when given.
 
-    Args: rows: [B, H, N * b', D] (any strides); blocks: [B, H, N]; out_padded: [B, NB * b', H, D], contiguous.
+    Args: rows: [B, H, N * b', D] (any strides); blocks: [B, H, N]; out_padded: [B, NB * b', H, D],
+        contiguous; residual: ISA's gated residual (added at the real rows), or None.
     """
     batch, heads, num_rows, dim = rows.shape
     num_slots = blocks.shape[-1]
@@ -180,9 +171,16 @@ def scatter_blocks(rows: torch.Tensor, blocks: torch.Tensor, out_padded: torch.T
         return
     if not out_padded.is_contiguous():
         raise ValueError("scatter_blocks writes into a contiguous out_padded [B, NB * b, H, D]")
+    block_size = num_rows // num_slots
+    num_blocks = out_padded.shape[1] // block_size
+    if residual is None:
+        shortcut, gate, seq_len = out_padded, out_padded, out_padded.shape[1]  # not read
+    else:
+        shortcut, gate, seq_len = residual.shortcut, residual.gate, residual.gate.shape[1]
     _kernels().scatter_blocks_kernel[(batch * heads, num_slots)](
-        rows, blocks.contiguous(), out_padded, heads, num_slots, out_padded.shape[1], *rows.stride(),
-        BLOCK=num_rows // num_slots, HEAD_DIM=dim, num_warps=COPY_WARPS,
+        rows, blocks.contiguous(), out_padded, shortcut, gate, seq_len, heads, num_slots, num_blocks, *rows.stride(),
+        BLOCK=block_size, HEAD_DIM=dim, HAS_RESIDUAL=residual is not None,
+        INTERPRETER=out_padded.device.type == "cpu", num_warps=COPY_WARPS,
     )
 
 
@@ -218,4 +216,4 @@ class TritonBackend:
     gather_blocks = staticmethod(gather_blocks)
     scatter_blocks = staticmethod(scatter_blocks)
     sparse_block_attention = staticmethod(sparse_block_attention)
-    add_residual = staticmethod(add_residual)
+    fuses_residual = True  # scatter_blocks and sparse_block_attention add it as they write

@@ -87,6 +87,16 @@ def _online_softmax_step(b_scores, m_i, l_i, b_acc, b_weights_for_sum, b_values,
 
 
 @triton.jit
+def _with_residual(b_out, shortcut_ptr, gate_ptr, batch, batch_head, block, seq_len, num_blocks, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """b_out [BLOCK, D] fp32 (the rows of one block of one head) plus ISA's residual
+    gate[b, t] * Oc[b, h, block]; rows past S get nothing (their gate reads as 0)."""
+    o_tok = block * BLOCK + tl.arange(0, BLOCK)
+    b_gate = tl.load(gate_ptr + batch * seq_len + o_tok, mask=o_tok < seq_len, other=0.0)  # [BLOCK]
+    b_shortcut = tl.load(shortcut_ptr + (batch_head * num_blocks + block) * HEAD_DIM + tl.arange(0, HEAD_DIM))  # [D]
+    return b_out + b_gate[:, None] * b_shortcut[None, :]
+
+
+@triton.jit
 def sparse_block_attention_kernel(
     q_desc,  # descriptor of q viewed as [B, S, H * D], block [1, BLOCK, HEAD_DIM]
     k_desc,  # the same for k
@@ -98,8 +108,11 @@ def sparse_block_attention_kernel(
     sparse_blocks_ptr,  # [B, H, Ns] int32, contiguous: diffuse query block ids
     exact_positions_ptr,  # [B, H, Ns, E] int32, contiguous: positions into kv_blocks
     exact_blocks_ptr,  # [B, H, Ns, E] int32, contiguous: the same as original block ids
+    shortcut_ptr,  # [B, H, NB, D] fp32, contiguous: Oc (read only with HAS_RESIDUAL)
+    gate_ptr,  # [B, S] fp32, contiguous: the residual's per-token gate (the same)
     seq_len,
     heads,
+    num_blocks,
     num_kv,
     num_sparse,
     num_exact,
@@ -110,6 +123,7 @@ def sparse_block_attention_kernel(
     TAYLOR_TILE: tl.constexpr,  # pruned blocks per Taylor tile
     EXACT_PAD: tl.constexpr,  # power of two >= E
     TAYLOR_STAGES: tl.constexpr,  # software-pipeline depth of the Taylor loop
+    HAS_RESIDUAL: tl.constexpr,  # add gate * Oc to every row written (see _with_residual)
     INTERPRETER: tl.constexpr,  # True on the CPU interpreter (see _dot, _round_to)
 ):
     """One program per (diffuse query block, batch * head).
@@ -173,6 +187,8 @@ def sparse_block_attention_kernel(
         m_i, l_i, b_acc = _online_softmax_step(b_scores, m_i, l_i, b_acc, ones, b_v, INTERPRETER)
 
     b_out = b_acc / l_i[:, None]
+    if HAS_RESIDUAL:
+        b_out = _with_residual(b_out, shortcut_ptr, gate_ptr, batch, batch_head, query_block, seq_len, num_blocks, BLOCK, HEAD_DIM)
     o_q = query_block * BLOCK + tl.arange(0, BLOCK)
     o_d = tl.arange(0, HEAD_DIM)
     out_ptrs = out_ptr + batch * stride_ob + head * stride_oh + o_q[:, None] * stride_os + o_d[None, :] * stride_od
@@ -188,35 +204,6 @@ SPARSE_TUNING_CONFIGS = [
 sparse_block_attention_kernel_tuned = triton.autotune(
     configs=SPARSE_TUNING_CONFIGS, key=["num_kv", "num_exact", "HEAD_DIM", "BLOCK"]
 )(sparse_block_attention_kernel)
-
-
-@triton.jit
-def add_residual_kernel(
-    out_ptr,  # [B, NB * BLOCK, H, D], contiguous: updated in place at the real rows
-    compressed_out_ptr,  # [B, H, NB, D] fp32, contiguous: Oc
-    alpha_ptr,  # [B, S] fp32, contiguous: the per-token gate
-    seq_len,
-    heads,
-    num_blocks,
-    BLOCK: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    INTERPRETER: tl.constexpr,
-):
-    """out[b, t, h] += alpha[b, t] * Oc[b, h, t // BLOCK] for the real tokens of one
-    (batch * head, block); the sum is formed in fp32 and rounded once."""
-    batch_head = tl.program_id(0)
-    block = tl.program_id(1)
-    batch = batch_head // heads
-    head = batch_head % heads
-    o_tok = block * BLOCK + tl.arange(0, BLOCK)
-    o_d = tl.arange(0, HEAD_DIM)
-    m_tok = o_tok < seq_len
-    out_ptrs = out_ptr + ((batch * num_blocks * BLOCK + o_tok[:, None]) * heads + head) * HEAD_DIM + o_d[None, :]
-    b_out = tl.load(out_ptrs, mask=m_tok[:, None], other=0.0).to(tl.float32)  # [BLOCK, D]
-    b_alpha = tl.load(alpha_ptr + batch * seq_len + o_tok, mask=m_tok, other=0.0)  # [BLOCK]
-    b_shortcut = tl.load(compressed_out_ptr + (batch_head * num_blocks + block) * HEAD_DIM + o_d)  # [D]
-    b_out = b_out + b_alpha[:, None] * b_shortcut[None, :]
-    tl.store(out_ptrs, _round_to(b_out, out_ptr.dtype.element_ty, INTERPRETER), mask=m_tok[:, None])
 
 
 @triton.jit
@@ -257,18 +244,23 @@ def scatter_blocks_kernel(
     rows_ptr,  # [B, H, N * BLOCK, D], any strides
     blocks_ptr,  # [B, H, N] int64, contiguous: the block id of each slot
     out_ptr,  # [B, NB * BLOCK, H, D], contiguous: written at the slots' blocks
+    shortcut_ptr,  # [B, H, NB, D] fp32, contiguous: Oc (read only with HAS_RESIDUAL)
+    gate_ptr,  # [B, S] fp32, contiguous: the residual's per-token gate (the same)
+    seq_len,
     heads,
     num_slots,  # N
-    padded_len,  # NB * BLOCK
+    num_blocks,  # NB
     stride_rb,
     stride_rh,
     stride_rs,
     stride_rd,
     BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,  # add gate * Oc to every row written (see _with_residual)
+    INTERPRETER: tl.constexpr,  # True on the CPU interpreter (see _round_to)
 ):
     """One program per (batch * head, slot): out[b, block * BLOCK + r, h] = rows[b, h, slot * BLOCK + r]
-    for every r (out has the padding rows of a partial last block)."""
+    for every r (out has the padding rows of a partial last block), plus the residual."""
     batch_head = tl.program_id(0)
     slot = tl.program_id(1)
     batch = batch_head // heads
@@ -278,5 +270,8 @@ def scatter_blocks_kernel(
     o_d = tl.arange(0, HEAD_DIM)
     rows_ptrs = rows_ptr + batch * stride_rb + head * stride_rh + (slot * BLOCK + o_r[:, None]) * stride_rs + o_d[None, :] * stride_rd
     b_rows = tl.load(rows_ptrs)
-    out_rows = batch * padded_len + block * BLOCK + o_r
-    tl.store(out_ptr + (out_rows[:, None] * heads + head) * HEAD_DIM + o_d[None, :], b_rows)
+    if HAS_RESIDUAL:
+        b_sum = _with_residual(b_rows.to(tl.float32), shortcut_ptr, gate_ptr, batch, batch_head, block, seq_len, num_blocks, BLOCK, HEAD_DIM)
+        b_rows = _round_to(b_sum, out_ptr.dtype.element_ty, INTERPRETER)
+    out_rows = batch * num_blocks * BLOCK + block * BLOCK + o_r
+    tl.store(out_ptr + (out_rows[:, None] * heads + head) * HEAD_DIM + o_d[None, :], b_rows.to(out_ptr.dtype.element_ty))

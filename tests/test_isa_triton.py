@@ -84,6 +84,40 @@ def test_block_copies_match_torch(t_len, c_len, batch, heads, dim, dtype):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("alpha_kind", ["float", "tensor"])
+def test_fused_residual_matches_a_separate_pass(dtype, alpha_kind):
+    """The scatter and the sparse kernel add alpha * Oc[block(t)] as they write; the same
+    rows as writing first and adding the residual in PyTorch afterwards (a partial last
+    block, two batches). bf16: the fused sum is rounded once, the separate pass twice, so
+    they may differ by the first rounding (an ulp of the attention output) and the last."""
+    from in_context_sparse_attention.residual import GatedShortcut, add_residual
+
+    t_len, c_len = 100, 90
+    q, k, v = make_qkv(2, t_len + c_len, 3, 64, dtype, seed=11)
+    plan = plan_for(q, k, v, t_len, ISAConfig(select_ratio=0.5, sparsity=0.25))
+    alpha = 0.3 if alpha_kind == "float" else torch.rand(2, t_len + c_len, 1, 1) - 0.5
+    residual = GatedShortcut.of(plan, alpha, q.device)
+    backend = get_backend("triton")
+    blocks = plan.full_query_blocks
+    dense_rows = torch.randn(2, 3, blocks.shape[-1] * plan.layout.block_size, 64).to(dtype)
+    fused, separate = (torch.full((2, plan.layout.padded_len, 3, 64), math.nan, dtype=dtype) for _ in range(2))
+    backend.scatter_blocks(dense_rows, blocks, fused, residual=residual)
+    backend.sparse_block_attention(q, k, v, plan, fused, residual=residual)
+    backend.scatter_blocks(dense_rows, blocks, separate)
+    backend.sparse_block_attention(q, k, v, plan, separate)
+    without_residual = separate.clone()
+    add_residual(separate, plan, alpha)
+    real = slice(0, t_len + c_len)
+    assert fused[:, real].isfinite().all(), "every real row is written"
+    ulp = 0.0 if dtype == torch.float32 else 2.0**-7  # the separate pass rounds the attention output first
+    got, want, first = (x[:, real].float() for x in (fused, separate, without_residual))
+    assert ((got - want).abs() <= 1e-6 + ulp * (want.abs() + first.abs())).all()
+    added = (fused[:, real] - without_residual[:, real]).abs().amax(dim=(2, 3))  # [B, S]: per token
+    assert (added > 1e-3).float().mean() > 0.9, "the residual reaches the rows of both writers"
+
+
+@needs_interpreter
 def test_block_copies_with_block_size_32():
     q, k, v = make_qkv(1, 150, 2, 64, torch.float32, seed=3)
     check_block_copies(q, k, v, 70, ISAConfig(block_size=32, select_ratio=0.5))
