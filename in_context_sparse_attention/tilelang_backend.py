@@ -15,7 +15,7 @@ import torch
 
 from . import triton_backend, triton_selection
 from .layout import BlockLayout
-from .residual import per_token_gate
+from .residual import GatedShortcut
 from .selection import ISAPlan
 
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -38,7 +38,7 @@ def target_arch(device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=None)
 def compiled_kernel(kind: str, head_dim: int, dtype: str, block_size: int, arch: str):
-    """Build and compile one kernel ("pool", "sparse" or "residual"; dtype "float16" or "bfloat16")
+    """Build and compile one kernel ("pool" or "sparse"; dtype "float16" or "bfloat16")
     for `arch` (e.g. "sm_90a"), once per process.
 
     Compiling needs nvcc but no GPU, so this also runs on CPU-only machines (tests).
@@ -51,7 +51,6 @@ def compiled_kernel(kind: str, head_dim: int, dtype: str, block_size: int, arch:
     builders = {
         "pool": tilelang_kernels.build_pool_blocks,
         "sparse": tilelang_kernels.build_sparse_attention,
-        "residual": tilelang_kernels.build_add_residual,
     }
     func = builders[kind](head_dim, dtype, block_size)
     return tilelang.compile(func, target={"kind": "cuda", "arch": arch}, pass_configs=_PASS_CONFIGS)
@@ -100,42 +99,31 @@ def sparse_kernel_inputs(plan: ISAPlan, dtype: torch.dtype) -> dict:
     }
 
 
-def sparse_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ISAPlan, out_padded: torch.Tensor) -> None:
+def sparse_block_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ISAPlan, out_padded: torch.Tensor, residual: GatedShortcut | None = None
+) -> None:
     """Exact top-E blocks plus 0-th order Taylor terms for the diffuse query blocks.
 
     Args:
         q, k, v: [B, S, H, D] (copied to contiguous memory if they are not).
         plan: the block decisions; out_padded: [B, NB * b, H, D] contiguous, written at the
             real rows of the diffuse query blocks only.
+        residual: ISA's gated residual, added to every row written; or None.
     """
     if plan.sparse_query_blocks.shape[-1] == 0:
         return
     if not out_padded.is_contiguous():
         raise ValueError("backend 'tilelang' writes into a contiguous out_padded [B, NB * b, H, D]")
     inputs = sparse_kernel_inputs(plan, q.dtype)
+    if residual is None:  # the kernel always adds one: a zero gate
+        residual = GatedShortcut(plan.compressed_out.contiguous(), torch.zeros(q.shape[:2], dtype=torch.float32, device=q.device))
     kernel = _kernel("sparse", q, plan.layout.block_size)
     with torch.cuda.device(q.device):
         kernel(
             q.contiguous(), k.contiguous(), v.contiguous(),
             inputs["query_blocks"], inputs["exact_blocks"], inputs["key_means"], inputs["value_means"],
-            inputs["taylor_counts"], out_padded,
+            inputs["taylor_counts"], residual.shortcut, residual.gate, out_padded,
         )
-
-
-def add_residual(out_padded: torch.Tensor, plan: ISAPlan, alpha) -> None:
-    """In place: out_padded[b, t] += alpha[b, t] * Oc[b, :, block(t)] at the real rows.
-
-    Args:
-        out_padded: [B, NB * b, H, D], contiguous; alpha: a float or a tensor
-            broadcastable to [B, S, 1, 1].
-    """
-    if not out_padded.is_contiguous():
-        raise ValueError("backend 'tilelang' adds the residual into a contiguous out_padded [B, NB * b, H, D]")
-    layout = plan.layout
-    batch = out_padded.shape[0]
-    gate = per_token_gate(alpha, batch, layout.seq_len, out_padded.device)
-    with torch.cuda.device(out_padded.device):
-        _kernel("residual", out_padded, layout.block_size)(out_padded, plan.compressed_out.contiguous(), gate)
 
 
 def unsupported_reason(head_dim: int, dtype: torch.dtype, block_size: int) -> str | None:
@@ -150,7 +138,7 @@ def unsupported_reason(head_dim: int, dtype: torch.dtype, block_size: int) -> st
 
 
 class TileLangBackend:
-    """TileLang kernels for pooling, the sparse half and the residual; CUDA GPUs (Hopper: sm_90a)."""
+    """TileLang kernels for pooling and the sparse half (which adds the residual); CUDA GPUs (Hopper: sm_90a)."""
 
     name = "tilelang"
 
@@ -171,4 +159,4 @@ class TileLangBackend:
     gather_blocks = staticmethod(triton_backend.gather_blocks)
     scatter_blocks = staticmethod(triton_backend.scatter_blocks)
     sparse_block_attention = staticmethod(sparse_block_attention)
-    add_residual = staticmethod(add_residual)
+    fuses_residual = True  # the (shared) scatter and the sparse kernel add it as they write
