@@ -164,7 +164,6 @@ def stage_breakdown(q, k, v, t_len: int, c_len: int, backend: str, config: ISACo
     that fuses the residual into its scatter and sparse kernel has it timed there."""
     impl = get_backend(backend)
     plan_fn = getattr(impl, "make_plan", make_plan)
-    residual_fn = getattr(impl, "add_residual", add_residual)
     gather = getattr(impl, "gather_blocks", full_attention.gather_blocks)
     scatter = getattr(impl, "scatter_blocks", full_attention.scatter_blocks)
     layout = BlockLayout(seq_len=q.shape[1], target_len=t_len, block_size=config.block_size)
@@ -186,7 +185,7 @@ def stage_breakdown(q, k, v, t_len: int, c_len: int, backend: str, config: ISACo
         impl.sparse_block_attention(q, k, v, plan, out_padded, **residual)
         events[4].record()
         if not fused:
-            residual_fn(out_padded, plan, alpha)
+            add_residual(out_padded, plan, alpha)
         out_padded[:, : layout.seq_len].contiguous()
         events[5].record()
         torch.cuda.synchronize()

@@ -58,7 +58,7 @@ def staged(name: str, record: dict):
 
         return timed
 
-    hooks = [h for h in ("pool_blocks", "make_plan", "sparse_block_attention", "add_residual") if hasattr(impl, h)]
+    hooks = [h for h in ("pool_blocks", "make_plan", "sparse_block_attention") if hasattr(impl, h)]
     for hook in hooks:
         setattr(impl, hook, wrap(getattr(type(impl), hook), f"{hook} ({name})"))
     originals = {"make_plan": api.make_plan, "full_block_attention": api.full_block_attention, "add_residual": api.add_residual}

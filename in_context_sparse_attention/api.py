@@ -106,6 +106,5 @@ def editing_sparse_attention(
     )
     impl.sparse_block_attention(q, k, v, plan, out_padded, **residual)
     if with_residual and not fused:
-        residual_adder = getattr(impl, "add_residual", add_residual)  # a backend may bring a kernel for it
-        residual_adder(out_padded, plan, alpha)
+        add_residual(out_padded, plan, alpha)
     return out_padded[:, : layout.seq_len].contiguous()

@@ -10,12 +10,10 @@ Optionally:
   backends share the Triton one (`triton_selection.py`);
 - `gather_blocks` and `scatter_blocks`: the block copies around the dense kernel, with
   the contracts of `full_attention.gather_blocks` / `scatter_blocks` (PyTorch defaults);
-- `add_residual(out_padded, plan, alpha)`: adds alpha * Oc[block(t)] in place to the real
-  rows of a contiguous out_padded (alpha a float or a tensor broadcastable to
-  [B, S, 1, 1]); without it `residual.add_residual` (PyTorch) does it;
-- `fuses_residual = True`: instead of that pass, its `scatter_blocks` and
-  `sparse_block_attention` take `residual=` a `residual.GatedShortcut` and add it to
-  every row they write (the Triton backend).
+- `fuses_residual = True`: its `scatter_blocks` and `sparse_block_attention` take
+  `residual=` a `residual.GatedShortcut` and add alpha * Oc[block(t)] to every row they
+  write (Triton and TileLang); without it `residual.add_residual` (PyTorch) makes a pass
+  over the finished output.
 Everything else (the dense half, and the defaults above) is shared.
 Backends are imported lazily, so a missing optional package only matters when it is used.
 """

@@ -1,10 +1,10 @@
 """ISA step 6's gated residual: out += alpha * Oc[block(token)].
 
-`add_residual` is the PyTorch pass over the finished output, the default for backends
-without an `add_residual` hook (TileLang has one). `GatedShortcut` carries the residual
-into kernels that add it while they write their rows (the Triton backend's scatter and
-sparse kernel), which saves a pass over the whole output; `per_token_gate` prepares alpha
-for kernels.
+`add_residual` is the PyTorch pass over the finished output, for backends that do not
+fuse the residual (the "torch" reference). `GatedShortcut` carries the residual into kernels that add
+it while they write their rows (the Triton and TileLang backends' scatter and sparse
+kernels), which saves a pass over the whole output; `per_token_gate` prepares alpha for
+kernels.
 """
 from __future__ import annotations
 
