@@ -23,7 +23,7 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2_E = 1.4426950408889634
-# Warps per program of the memory-bound kernels (pooling, block copies, residual), each of
+# Warps per program of the memory-bound kernels (pooling, block copies), each of
 # which moves one [b, D] tile. H100, 65,536 tokens, bf16: pooling 0.242 / 0.246 / 0.289 /
 # 0.411 ms per tensor with 1 / 2 / 4 / 8 warps.
 COPY_WARPS = 2
@@ -59,21 +59,27 @@ TAYLOR_TILE = 64  # pruned blocks per tile of the sparse kernel's Taylor loop
 
 def _token_descriptor(x: torch.Tensor, block_size: int) -> TensorDescriptor:
     """A descriptor of x [B, S, H, D] viewed as [B, S, H * D] that loads one block of one
-    head ([1, b, D]); rows past S read as zeros. x must have (H, D) contiguous."""
+    head ([1, b, D]); rows past S read as zeros.
+
+    It reads x in place when the (H, D) axes are contiguous and the start and the other
+    strides are 16-byte aligned, else a contiguous copy. A size-1 axis is never stepped
+    over, so its stride (which PyTorch leaves arbitrary) is taken as the contiguous one.
+    """
     batch, seq, heads, dim = x.shape
-    return TensorDescriptor(
-        x, shape=[batch, seq, heads * dim], strides=[x.stride(0), x.stride(1), 1], block_shape=[1, block_size, dim]
+
+    def strides(t: torch.Tensor) -> list[int]:
+        row = t.stride(1) if seq > 1 else heads * dim
+        return [t.stride(0) if batch > 1 else seq * row, row, 1]
+
+    readable = (
+        x.stride(3) == 1
+        and (heads == 1 or x.stride(2) == dim)
+        and x.data_ptr() % 16 == 0
+        and all(stride > 0 and stride * x.element_size() % 16 == 0 for stride in strides(x)[:2])
     )
-
-
-def _descriptor_ready(x: torch.Tensor) -> torch.Tensor:
-    """x itself when a tensor descriptor can read it (unit stride over D, H * D rows,
-    16-byte aligned start and strides), else a contiguous copy."""
-    heads, dim = x.shape[2:]
-    aligned = x.data_ptr() % 16 == 0 and all((stride * x.element_size()) % 16 == 0 for stride in x.stride()[:2])
-    if x.stride(3) == 1 and x.stride(2) == dim and aligned:
-        return x
-    return x.contiguous()
+    if not readable:
+        x = x.clone(memory_format=torch.contiguous_format)
+    return TensorDescriptor(x, shape=[batch, seq, heads * dim], strides=strides(x), block_shape=[1, block_size, dim])
 
 
 def sparse_block_attention(
@@ -130,7 +136,7 @@ def sparse_block_attention(
         kernel = kernels.sparse_block_attention_kernel
     shortcut, gate = (residual.shortcut, residual.gate) if residual is not None else (taylor_counts, taylor_counts)
     return kernel[(num_sparse, batch * heads)](
-        *(_token_descriptor(_descriptor_ready(x), layout.block_size) for x in (q, k, v)), out_padded,
+        *(_token_descriptor(x, layout.block_size) for x in (q, k, v)), out_padded,
         *taylor_descriptors, taylor_counts,
         plan.sparse_query_blocks.to(torch.int32).contiguous(), exact_positions, exact_blocks, shortcut, gate,
         seq, heads, layout.num_blocks, num_kv, num_sparse, num_exact, _LOG2_E / math.sqrt(dim), *out_padded.stride(),

@@ -144,12 +144,12 @@ def test_sparse_kernel_reads_packed_qkv_in_place():
     """q, k, v as views of one packed [B, S, 3, H, D] projection have (H, D) contiguous,
     so the kernel's tensor descriptors read them in place, with the same result as
     contiguous copies (two batches, each with a partial last block)."""
-    from in_context_sparse_attention.triton_backend import _descriptor_ready
+    from in_context_sparse_attention.triton_backend import _token_descriptor
 
     gen = torch.Generator().manual_seed(7)
     packed = torch.randn(2, 150, 3, 2, 64, generator=gen).to(torch.bfloat16)
     q, k, v = packed.unbind(2)
-    assert all(_descriptor_ready(x) is x for x in (q, k, v))
+    assert all(_token_descriptor(x, 64).base is x for x in (q, k, v))
     plan = plan_for(q, k, v, 70, ISAConfig(select_ratio=1.0, sparsity=0.5, flat_ratio=0.0))
     in_place = run_sparse("triton", q, k, v, plan)
     rows = check_written_rows(in_place, plan)
@@ -158,6 +158,19 @@ def test_sparse_kernel_reads_packed_qkv_in_place():
     torch_out = run_sparse("torch", q, k, v, plan)
     reference_out = run_sparse("torch", q.double(), k.double(), v.double(), plan)
     assert_within_precision(in_place, torch_out, reference_out, rows, floor=1e-3)
+
+
+@needs_interpreter
+def test_sparse_kernel_ignores_the_stride_of_a_size_one_batch():
+    """PyTorch leaves the stride of a size-1 axis arbitrary (here 1 element, which no
+    tensor descriptor accepts): the tensor is still read in place, with the same result."""
+    from in_context_sparse_attention.triton_backend import _token_descriptor
+
+    q, k, v = make_qkv(1, 150, 2, 64, torch.float32, seed=5)
+    odd = [x.as_strided(x.shape, (1, *x.stride()[1:])) for x in (q, k, v)]
+    assert all(x.is_contiguous() and _token_descriptor(x, 64).base is x for x in odd)
+    plan = plan_for(q, k, v, 70, ISAConfig(select_ratio=1.0, sparsity=0.5))
+    assert torch.equal(run_sparse("triton", *odd, plan).nan_to_num(), run_sparse("triton", q, k, v, plan).nan_to_num())
 
 
 @needs_interpreter
