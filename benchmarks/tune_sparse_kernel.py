@@ -4,8 +4,9 @@
 
 One ISA plan is built on random bf16 inputs (T = C = S/2, B = 1); then every
 configuration of `triton_kernels.SPARSE_TUNING_CONFIGS` (or the grid given on the command
-line) runs the sparse half alone. Prints the median time (triton.testing.do_bench) and the
-largest difference from the first configuration's output, fastest first.
+line) runs the sparse half alone. Prints, fastest first, the median time
+(triton.testing.do_bench), the largest difference from the first configuration's output,
+and the compiled kernel's registers, spills and shared memory.
 """
 from __future__ import annotations
 
