@@ -32,13 +32,12 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from in_context_sparse_attention import ISAConfig, dense_attention, editing_sparse_attention
-from in_context_sparse_attention.backends import BACKEND_NAMES, get_backend
+from in_context_sparse_attention import ISAConfig, dense_attention
 from wanx import fused_ops
+from wanx.attention import DenseAttention, SelfAttentionMethod, TokenLayout, make_attention
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_BACKENDS = ("dense",) + tuple(BACKEND_NAMES)
 ROPE_THETA = 10000.0
 ROPE_MAX_POSITIONS = 1024  # Wan's RoPE table has 1024 rows per axis
 TIME_THETA = 10000.0
@@ -182,8 +181,8 @@ class WanSelfAttention(nn.Module):
 
     `alpha_1` maps each token's (normed, modulated) input to ISA's residual gate
     alpha = (sigmoid(alpha_1(x)) - 0.5) * 0.5, in (-0.25, 0.25). `alpha_2` is zero-initialised
-    and unused: LIVEditor's checkpoints carry it. The kernel is chosen by
-    `WanDiT.set_attention`, which writes `backend` and `isa_config` here.
+    and unused: LIVEditor's checkpoints carry it. The method (`wanx.attention`) is chosen by
+    `WanDiT.set_attention`, which writes `method` here.
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
@@ -200,19 +199,19 @@ class WanSelfAttention(nn.Module):
         self.norm_k = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.alpha_1 = nn.Linear(dim, 1, bias=False)
         self.alpha_2 = nn.Linear(dim, 1, bias=False)
-        self.backend = "dense"
-        self.isa_config: Optional[ISAConfig] = None
+        self.method: SelfAttentionMethod = DenseAttention()
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """ISA residual gate per token: x [B, S, dim] -> alpha [B, S, 1, 1] fp32."""
         return ((torch.sigmoid(_linear(self.alpha_1, x).float()) - 0.5) * 0.5).unsqueeze(-1)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, target_len: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """
         Args:
             x: [B, S, dim] normed and modulated tokens (fp32), target tokens first.
             freqs: [S, head_dim / 2] complex128 RoPE rotations.
-            target_len: T; the remaining S - T tokens are the source video's.
+            layout: T (`target_len`; the remaining S - T tokens are the source video's), the
+                token grids and the denoising step, for the attention method.
         Returns:
             [B, S, dim] in the weights' dtype.
         """
@@ -223,12 +222,7 @@ class WanSelfAttention(nn.Module):
         v = self.v(x).view(batch, seq, self.num_heads, self.head_dim)
         q = apply_rope(q, freqs)
         k = apply_rope(k, freqs)
-        if self.backend == "dense":
-            out = dense_attention(q, k, v)
-        else:
-            out = editing_sparse_attention(
-                q, k, v, target_len, seq - target_len, alpha=self.gate(x), config=self.isa_config, backend=self.backend
-            )
+        out = self.method(q, k, v, layout, gate=self.gate(x) if self.method.uses_gate else None)
         return self.o(out.flatten(2))
 
 
@@ -277,14 +271,14 @@ class WanAttentionBlock(nn.Module):
         self.cross_attn_norm = cross_attn_norm
 
     def forward(
-        self, x: torch.Tensor, time_mod: torch.Tensor, freqs: torch.Tensor, target_len: int, context: torch.Tensor
+        self, x: torch.Tensor, time_mod: torch.Tensor, freqs: torch.Tensor, layout: TokenLayout, context: torch.Tensor
     ) -> torch.Tensor:
         """
         Args:
             x: [B, S, dim] fp32 residual stream.
             time_mod: [B, 1, 6, dim] fp32 projected time embedding (one timestep per sample,
                 so it broadcasts over the tokens).
-            freqs: [S, head_dim / 2] complex128; target_len: T.
+            freqs: [S, head_dim / 2] complex128; layout: the sequence, for self-attention.
             context: [B, text_len, dim] embedded text.
         Returns:
             [B, S, dim] fp32.
@@ -294,7 +288,7 @@ class WanAttentionBlock(nn.Module):
         # LayerNorm, modulation (shift + norm * (1 + scale)) in fp32 and the cast to the matmul
         # dtype are one pass; each residual update x + float(y) * gate is another (fp32)
         dtype = self.ffn[0].weight.dtype
-        y = self.self_attn(self.norm1(x, shift_sa, scale_sa, dtype), freqs, target_len)
+        y = self.self_attn(self.norm1(x, shift_sa, scale_sa, dtype), freqs, layout)
         x = fused_ops.gated_residual(x, y, gate_sa)
         x = fused_ops.gated_residual(x, self.cross_attn(self.norm3(x, dtype=dtype) if self.cross_attn_norm else x, context))
         y = self.ffn(self.norm2(x, shift_ff, scale_ff, dtype))
@@ -368,8 +362,7 @@ class WanDiT(ModelMixin, ConfigMixin):
             [WanAttentionBlock(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps) for _ in range(num_layers)]
         )
         self.head = WanHead(dim, out_dim, self.patch, eps)
-        self._attention_backend = "dense"
-        self._isa_config: Optional[ISAConfig] = None
+        self._attention: SelfAttentionMethod = DenseAttention()
         self.init_weights()
 
     @classmethod
@@ -414,43 +407,39 @@ class WanDiT(ModelMixin, ConfigMixin):
         for block in self.blocks:
             nn.init.zeros_(block.self_attn.alpha_2.weight)
 
-    def set_attention(self, backend: str = "dense", isa_config: Optional[ISAConfig] = None) -> None:
-        """Choose the self-attention kernel of every block; weights are untouched.
+    def set_attention(self, backend: Union[str, SelfAttentionMethod] = "dense", isa_config=None) -> None:
+        """Choose the self-attention method of every block; weights are untouched.
 
         Args:
-            backend: "dense" (FlashAttention-3 > FlashAttention-2 > SDPA over all S tokens,
-                no gate residual) or an ISA backend: "torch", "triton", "tilelang".
-            isa_config: ISA hyper-parameters (default `ISAConfig()`); ISA backends only.
+            backend: a name registered in `wanx.attention` ("dense": FlashAttention-3 >
+                FlashAttention-2 > SDPA over all S tokens, no gate residual; an ISA backend:
+                "torch", "triton", "tilelang"; any method registered later), or a method object.
+            isa_config: the named method's options (an `ISAConfig` for the ISA backends,
+                default `ISAConfig()`; None for "dense"). Not used with a method object.
         Raises:
-            ValueError: unknown backend, an ISA backend that cannot be imported here, or an
-                isa_config given with "dense".
+            ValueError: unknown name, a backend that cannot be imported here, or options the
+                method refuses (TypeError for options of the wrong type).
         """
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, ATTENTION_BACKENDS))}, got {backend!r}")
-        if backend == "dense":
-            if isa_config is not None:
-                raise ValueError("isa_config applies to the ISA backends only, not to 'dense'")
-        else:
-            isa_config = ISAConfig() if isa_config is None else isa_config
-            if not isinstance(isa_config, ISAConfig):
-                raise TypeError(f"isa_config must be an ISAConfig, got {type(isa_config).__name__}")
-            get_backend(backend)
+        method = backend if isinstance(backend, SelfAttentionMethod) else make_attention(backend, isa_config)
         for block in self.blocks:
-            block.self_attn.backend = backend
-            block.self_attn.isa_config = isa_config
-        self._attention_backend = backend
-        self._isa_config = isa_config
-        logger.info("WanDiT self-attention: %s", backend if backend == "dense" else f"ISA backend {backend!r}, {isa_config}")
+            block.self_attn.method = method
+        self._attention = method
+        logger.info("WanDiT self-attention: %s", method.describe())
+
+    @property
+    def attention_method(self) -> SelfAttentionMethod:
+        """The self-attention method in use (`wanx.attention.SelfAttentionMethod`)."""
+        return self._attention
 
     @property
     def attention_backend(self) -> str:
-        """The self-attention kernel in use: "dense", "torch", "triton" or "tilelang"."""
-        return self._attention_backend
+        """The name of the self-attention method in use: "dense", "torch", "triton", "tilelang", ..."""
+        return self._attention.name
 
     @property
     def isa_config(self) -> Optional[ISAConfig]:
-        """The ISA hyper-parameters in use (None with "dense")."""
-        return self._isa_config
+        """The ISA hyper-parameters in use (None when the method is not ISA)."""
+        return getattr(self._attention, "config", None) if self._attention.uses_gate else None
 
     def parameter_report(self) -> dict:
         """Parameter counts: {"total", "wan", "liveditor"} (LIVEditor's additions: the source
@@ -508,6 +497,7 @@ class WanDiT(ModelMixin, ConfigMixin):
         source_latent: torch.Tensor,
         timestep: Union[torch.Tensor, float],
         context: Union[torch.Tensor, Sequence[torch.Tensor]],
+        step: Optional[int] = None,
     ) -> torch.Tensor:
         """Flow prediction for the target video.
 
@@ -520,6 +510,8 @@ class WanDiT(ModelMixin, ConfigMixin):
             context: B text embeddings [L_i <= text_len, text_dim] trimmed to their true
                 length (a list, or a tensor [B, L, text_dim]); zero-padded to text_len rows
                 and attended without a mask, as Wan does.
+            step: the denoising step (0-based), passed to the attention method (whose pattern
+                may change with it); None outside a sampling loop.
         Returns:
             [B, out_dim, F, H, W] fp32.
         """
@@ -530,9 +522,10 @@ class WanDiT(ModelMixin, ConfigMixin):
         source, source_grid = self._patchify(self.source_video_embedding_more_memory, source_latent)
         x = torch.cat([target, source.expand(batch, -1, -1)], dim=1)  # [B, S, dim] fp32 residual stream
         target_len = target.shape[1]
+        layout = TokenLayout(target_len=target_len, grids=(target_grid, source_grid), step=step)
         freqs = rope_frequencies([target_grid, source_grid], self.config.dim // self.config.num_heads, device=x.device)
         time_emb, time_mod = self._embed_time(timestep, batch, x.device)
         text = self._embed_text(context, batch)
         for block in self.blocks:
-            x = block(x, time_mod, freqs, target_len, text)
+            x = block(x, time_mod, freqs, layout, text)
         return self._unpatchify(self.head(x[:, :target_len], time_emb), target_grid)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import model as model_module
+import wanx.attention
 from in_context_sparse_attention import ISAConfig, dense_attention
 from model import WanDiT, apply_rope, rope_axis_dims, rope_frequencies, sinusoidal_embedding
 
@@ -167,7 +168,7 @@ def test_isa_receives_target_source_split_and_gate(monkeypatch):
         seen.append((q.shape, t_seq_len, s_seq_len, alpha, config, backend))
         return dense_attention(q, k, v)
 
-    monkeypatch.setattr(model_module, "editing_sparse_attention", spy)
+    monkeypatch.setattr(wanx.attention, "editing_sparse_attention", spy)
     config = ISAConfig(block_size=16)
     model.set_attention("torch", config)
     model(latent, source, timestep, context)
