@@ -36,35 +36,40 @@ def assert_refused(run, path, problem, names=None, **kwargs):
     return message
 
 
-def write_text(path):
-    path.write_text("these are not weights\n" * 20)
-
-
-def write_random_bytes(path):
-    path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
-                                   dtype=torch.uint8).numpy().tobytes())
-
-
-def write_truncated(path):
-    """A valid file of the path's format, cut short by a quarter."""
-    state = random_state(0)
+def save(state, path):
+    """`state` in the format the path's suffix names: safetensors, else a (zip) torch pickle."""
     if path.suffix == ".safetensors":
         save_file(state, str(path))
     else:
         torch.save(state, path)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) * 3 // 4])
 
 
-UNREADABLE = {"text": write_text, "random bytes": write_random_bytes, "truncated": write_truncated}
+def write_text(path):
+    path.write_text("these are not weights\n" * 20)
+
+
+UNREADABLE = ("text", "random bytes", "truncated")
+
+
+def write_unreadable(path, kind, state):
+    """A file that is no checkpoint: text, random bytes, or `state` saved then cut short by a quarter."""
+    if kind == "text":
+        write_text(path)
+    elif kind == "random bytes":
+        noise = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        path.write_bytes(noise.numpy().tobytes())
+    else:
+        save(state, path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) * 3 // 4])
 
 
 @BOTH
-@pytest.mark.parametrize("kind", list(UNREADABLE))
+@pytest.mark.parametrize("kind", UNREADABLE)
 @pytest.mark.parametrize("name", ["dit.safetensors", "dit.bin"])
 def test_unreadable_files(tmp_path, run, kind, name):
     path = tmp_path / name
-    UNREADABLE[kind](path)
+    write_unreadable(path, kind, random_state(0))
     assert_refused(run, path, "is not a readable (safetensors file|torch checkpoint)")
 
 
@@ -125,10 +130,7 @@ def test_wrong_shapes_in_one_line(tmp_path, run):
 def test_non_floating_weights(tmp_path, run, dtype, name):
     state = random_state(0)
     state["blocks.0.self_attn.q.weight"] = torch.ones(state["blocks.0.self_attn.q.weight"].shape, dtype=dtype)
-    if name.endswith(".safetensors"):
-        save_file(state, str(tmp_path / name))
-    else:
-        torch.save(state, tmp_path / name)
+    save(state, tmp_path / name)
     dtype_name = str(dtype).removeprefix("torch.")
     assert_refused(run, tmp_path / name, rf"not floating point.*blocks\.0\.self_attn\.q\.weight \({dtype_name}")
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from wanx import vae as wvae
+from wanx.dit_loader import CheckpointError
 from wanx.vae import WanVAE
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -183,7 +184,7 @@ def test_loads_diffusers_folder(tiny, tmp_path):
 
 
 def test_loader_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="Wan2.1_VAE.pth"):
+    with pytest.raises(CheckpointError, match="Wan2.1_VAE.pth"):
         WanVAE.from_checkpoint(tmp_path / "missing.pth")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(CheckpointError, match="config.json"):
         WanVAE.from_checkpoint(tmp_path)

@@ -14,8 +14,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Mapping
 
 import torch
+
+from .dit_loader import CheckpointError, error_line, load_tensor, match_keys, read_entries, require_floating
 
 logger = logging.getLogger(__name__)
 
@@ -61,50 +64,80 @@ def convert_wan_vae_state_dict(state_dict: dict) -> dict:
 
 
 def build_meta_vae(config_dir: str | os.PathLike = CONFIG_DIR):
-    """`AutoencoderKLWan` from a config folder on the meta device (shapes only, no memory)."""
+    """`AutoencoderKLWan` from a config folder on the meta device (shapes only, no memory).
+
+    Raises:
+        CheckpointError: the folder has no readable config for `AutoencoderKLWan`.
+    """
     from diffusers import AutoencoderKLWan
 
-    config = AutoencoderKLWan.load_config(os.fspath(config_dir), local_files_only=True)
-    with torch.device("meta"):
-        return AutoencoderKLWan.from_config(config)
+    try:
+        config = AutoencoderKLWan.load_config(os.fspath(config_dir), local_files_only=True)
+        with torch.device("meta"):
+            return AutoencoderKLWan.from_config(config)
+    except (OSError, ValueError, TypeError) as error:
+        raise CheckpointError(f"VAE config {config_dir} is not a readable AutoencoderKLWan config: "
+                              f"{error_line(error)}") from error
 
 
-def check_vae_keys(diffusers_state_dict: dict, model: torch.nn.Module) -> None:
-    """Raise ValueError unless the (converted) state dict has exactly the model's keys and shapes.
+def check_vae_keys(diffusers_state_dict: Mapping, model: torch.nn.Module, source: str | os.PathLike = "") -> None:
+    """Raise CheckpointError unless the (converted) state dict has exactly the model's keys and shapes.
 
-    `from_single_file` is lenient: a missing key silently keeps its random init and an
-    unexpected one only logs a warning. A VAE with a random layer still decodes, to
-    garbage, so the loader checks coverage strictly before handing over.
+    A VAE with a random layer still decodes, to garbage, so coverage is checked strictly
+    (diffusers' `from_single_file` would keep the random init of a missing key and only log
+    an unexpected one). The values may be tensors or `wanx.dit_loader` entries (anything
+    with a `.shape`); `source` names the file in the message.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in diffusers_state_dict.items()}
-    missing = sorted(expected.keys() - got.keys())
-    unexpected = sorted(got.keys() - expected.keys())
-    wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} with the wrong shape (e.g. {k}: {got[k]} vs {expected[k]})")
-        raise ValueError("VAE checkpoint does not match the configured AutoencoderKLWan: " + "; ".join(parts))
+    match_keys(expected, diffusers_state_dict, f"VAE checkpoint {source}".rstrip())
 
 
-def _load_state_dict(path: str) -> dict:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def _weights_location(path: Path) -> tuple[Path, Path | None]:
+    """(weights, config folder or None for the given config) of a single file or a diffusers folder."""
+    if not path.is_dir():
+        return path, None
+    folder = path if (path / "config.json").is_file() else path / "vae"
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"VAE folder {path} has no config.json (nor vae/config.json)")
+    legacy = folder / "diffusion_pytorch_model.bin"
+    if not any(folder.glob("*.safetensors")) and legacy.is_file():
+        return legacy, folder
+    return folder, folder
 
-        state_dict = load_file(path)
-    else:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    while isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
-        state_dict = state_dict["state_dict"]
-    if not isinstance(state_dict, dict) or not state_dict:
-        raise ValueError(f"VAE checkpoint {path!r} holds no state dict")
-    return state_dict
+
+def _prepare(path: str | os.PathLike, config: str | os.PathLike):
+    """The meta model and its checked entries (diffusers names): every check that needs no tensor data.
+
+    `check_vae_checkpoint` runs this alone and `WanVAE.from_checkpoint` runs it first.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"VAE checkpoint {path} does not exist (expected Wan2.1_VAE.pth or a diffusers folder)")
+    weights, folder_config = _weights_location(path)
+    entries = read_entries(weights)
+    if _WAN_MARKER_KEY in entries:
+        entries = convert_wan_vae_state_dict(entries)
+    model = build_meta_vae(folder_config or config)
+    check_vae_keys(entries, model, weights)
+    require_floating(entries)
+    return model, entries
+
+
+def check_vae_checkpoint(path: str | os.PathLike, config: str | os.PathLike = CONFIG_DIR) -> None:
+    """Check a VAE checkpoint as `WanVAE.from_checkpoint` would load it, without reading tensor data.
+
+    Same `path` and `config` as `from_checkpoint`. The file (or the diffusers folder's
+    weights) must open as safetensors or as a torch pickle read with weights_only=True,
+    hold a state dict, and have exactly the keys and shapes of the configured
+    `AutoencoderKLWan` (original Wan naming is converted first), all floating point. Only
+    headers are read: a safetensors header, or a zip-format pickle's structure (memory-
+    mapped); a legacy non-zip pickle is read whole. NaN and Inf need the data:
+    `from_checkpoint` refuses them as it loads each tensor.
+
+    Raises:
+        CheckpointError: the problem in one line, naming the file.
+    """
+    _prepare(path, config)
 
 
 class WanVAE:
@@ -140,6 +173,11 @@ class WanVAE:
     ) -> "WanVAE":
         """Load the VAE from the original Wan checkpoint or a diffusers folder, offline.
 
+        Everything `check_vae_checkpoint` checks is checked first, then each tensor is read,
+        converted to `dtype` on `device` and refused if it holds NaN or Inf
+        (`wanx.dit_loader.load_tensor`), and the tensors become the parameters of the
+        model built on the meta device, with no second copy.
+
         Args:
             path: `Wan2.1_VAE.pth` (or .safetensors; original Wan naming or already
                 diffusers naming), or a diffusers folder with `config.json` (directly or
@@ -149,26 +187,17 @@ class WanVAE:
             config: diffusers config folder used for single-file checkpoints; defaults to
                 the shipped `configs/wan_vae`.
             tiling: decode/encode in spatial tiles to save memory (see `enable_tiling`).
+        Raises:
+            CheckpointError: any problem with the files, in one line naming the file.
         """
-        from diffusers import AutoencoderKLWan
-
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"VAE checkpoint not found: {path!r} (expected Wan2.1_VAE.pth or a diffusers folder)")
-        if os.path.isdir(path):
-            folder = path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(path, "vae")
-            if not os.path.isfile(os.path.join(folder, "config.json")):
-                raise FileNotFoundError(f"VAE folder {path!r} has no config.json (nor vae/config.json)")
-            logger.info("loading diffusers VAE folder %s", folder)
-            model = AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
-        else:
-            logger.info("loading VAE checkpoint %s with config %s", path, config)
-            state_dict = _load_state_dict(path)
-            converted = convert_wan_vae_state_dict(state_dict) if _WAN_MARKER_KEY in state_dict else state_dict
-            check_vae_keys(converted, build_meta_vae(config))
-            model = AutoencoderKLWan.from_single_file(state_dict, config=os.fspath(config),
-                                                      local_files_only=True, torch_dtype=dtype)
-        vae = cls(model.to(device))
+        model, entries = _prepare(path, config)
+        logger.info("loading VAE checkpoint %s", path)
+        state_dict = {name: load_tensor(entry, dtype, device) for name, entry in entries.items()}
+        try:
+            model.load_state_dict(state_dict, strict=True, assign=True)
+        except RuntimeError as error:
+            raise CheckpointError(f"VAE checkpoint {path} does not load: {error_line(error)}") from error
+        vae = cls(model)
         if tiling:
             vae.enable_tiling()
         return vae
