@@ -5,25 +5,34 @@ import torch
 
 import scheduler
 from in_context_sparse_attention import ISAConfig
-from wanx import pipeline
-from wanx.pipeline import ConfigError, EditingPipeline, attention_flops, load_config
+from wanx import components, pipeline, planning, report
+from wanx.config import WAN_NEGATIVE_PROMPT, ConfigError, isa_config, load_config
+from wanx.pipeline import EditingPipeline
+from wanx.planning import attention_flops
 
 ROOT_TINY = "configs/tiny.yaml"
 QUICK = ["sampler.steps=2", "video.size=[32,48]"]
 
 
 def tiny_source(frames: int = 5, height: int = 40, width: int = 64) -> pipeline.SourceVideo:
+    """Random uint8 frames made into a source at the tiny QUICK config's working size (32 x 48)."""
     rng = np.random.default_rng(0)
     video = rng.integers(0, 256, size=(frames, height, width, 3), dtype=np.uint8)
-    return pipeline.SourceVideo(path="memory", frames=video, fps=16.0, frames_read=frames)
+    return pipeline.SourceVideo.from_frames(load_config(ROOT_TINY, QUICK), video, fps=16.0)
+
+
+def shaped_source(frames: int, height: int, width: int) -> pipeline.SourceVideo:
+    """A source of the given working shape whose values are never read (planning looks at shapes only)."""
+    video = torch.zeros(3, 1, 1, 1).expand(3, frames, height, width)
+    return pipeline.SourceVideo(path="memory", video=video, fps=16.0, frames_read=frames, source_size=(height, width))
 
 
 def test_defaults_are_the_papers():
     cfg = load_config("inference.yaml")
     assert (cfg.sampler.steps, cfg.sampler.shift, cfg.sampler.guidance, cfg.sampler.seed) == (32, 6.0, 2.5, 42)
     assert cfg.attention.backend == "tilelang"
-    assert pipeline.isa_config(cfg) == ISAConfig()
-    assert cfg.negative_prompt == pipeline.WAN_NEGATIVE_PROMPT and cfg.negative_prompt.startswith("色调艳丽")
+    assert isa_config(cfg) == ISAConfig()
+    assert cfg.negative_prompt == WAN_NEGATIVE_PROMPT and cfg.negative_prompt.startswith("色调艳丽")
     assert cfg.model.vae.endswith("Wan2.2-T2V-A14B/Wan2.1_VAE.pth")  # interpolation resolved
     assert cfg.video.max_frames == 81 and cfg.video.fps == 16
 
@@ -50,11 +59,11 @@ def test_settings_take_values_verbatim():
 
 def test_working_size():
     cfg = load_config(None)
-    assert pipeline.working_size(cfg, 1080, 1920) == (544, 960)
-    assert pipeline.working_size(cfg, 1920, 1080) == (960, 544)
-    assert pipeline.working_size(cfg, 500, 510) == (720, 720)
-    assert pipeline.working_size(load_config(None, ["video.bucket_scale=0.25"]), 1080, 1920) == (128, 240)
-    assert pipeline.working_size(load_config(None, ["video.size=[64,96]"]), 1080, 1920) == (64, 96)
+    assert planning.working_size(cfg, 1080, 1920) == (544, 960)
+    assert planning.working_size(cfg, 1920, 1080) == (960, 544)
+    assert planning.working_size(cfg, 500, 510) == (720, 720)
+    assert planning.working_size(load_config(None, ["video.bucket_scale=0.25"]), 1080, 1920) == (128, 240)
+    assert planning.working_size(load_config(None, ["video.size=[64,96]"]), 1080, 1920) == (64, 96)
 
 
 def test_dense_flops_formula():
@@ -76,7 +85,7 @@ def test_isa_keeping_everything_costs_dense_plus_compression():
 
 
 def test_isa_statistics():
-    stats = pipeline.isa_statistics(65536, 32768, ISAConfig())
+    stats = planning.isa_statistics(65536, 32768, ISAConfig())
     assert stats["blocks"] == 1024
     assert stats["full_query_blocks"] == 512 and stats["full_query_share"] == 0.5
     assert stats["source_candidates"] == 512 and stats["source_kept"] == 64
@@ -85,7 +94,7 @@ def test_isa_statistics():
 
 def test_plan_of_the_real_model_loads_nothing():
     cfg = load_config("inference.yaml", ["video.size=[544,960]"])
-    plan = pipeline.make_plan(cfg, tiny_source(frames=81))
+    plan = planning.make_plan(cfg, shaped_source(81, 544, 960))
     assert plan.latent_shape == (16, 21, 68, 120)
     assert plan.target_tokens == plan.source_tokens == 21 * 34 * 60
     assert (plan.num_layers, plan.heads, plan.head_dim, plan.batch) == (40, 40, 128, 2)
@@ -107,7 +116,7 @@ def test_tiny_edit_shapes_and_determinism(tiny_pipe):
     assert np.array_equal(first.video, second.video)
     assert first.backend == "torch"
     assert set(first.timings) == {"load", "preprocess", "text", "vae_encode", "denoise", "vae_decode"}
-    summary = pipeline.format_summary(first, ["out.mp4"])
+    summary = report.format_summary(first, ["out.mp4"])
     assert "ISA, torch backend" in summary and "of source blocks kept" in summary
 
 
@@ -127,7 +136,7 @@ def test_cfg_runs_one_batch_of_two_per_step(tiny_pipe, monkeypatch):
         prompts.append(list(batch))
         return encode(batch)
 
-    def fake_dit(latent, source_latent, timestep, context):
+    def fake_dit(latent, source_latent, timestep, context, step=None):
         calls.append((tuple(latent.shape), tuple(source_latent.shape), tuple(timestep.shape), len(context)))
         return torch.stack([torch.full_like(latent[0], 1.0), torch.full_like(latent[0], 3.0)])
 
@@ -152,7 +161,7 @@ def test_guidance_one_skips_the_unconditional_pass(monkeypatch):
     pipe = EditingPipeline.load(load_config(ROOT_TINY, QUICK + ["sampler.guidance=1.0"]), progress=False)
     shapes, prompts = [], []
     forward, encode = pipe.dit.forward, pipe.text_encoder.encode
-    monkeypatch.setattr(pipe.dit, "forward", lambda x, *a: shapes.append(x.shape[0]) or forward(x, *a))
+    monkeypatch.setattr(pipe.dit, "forward", lambda x, *a, **kw: shapes.append(x.shape[0]) or forward(x, *a, **kw))
     monkeypatch.setattr(pipe.text_encoder, "encode", lambda p: prompts.append(list(p)) or encode(p))
     pipe.edit(tiny_source(), "x", progress=False)
     assert shapes == [1, 1] and prompts == [["x"]]
@@ -165,7 +174,7 @@ def test_empty_prompt_is_refused(tiny_pipe):
 
 def test_missing_weights_are_listed(tmp_path):
     cfg = load_config("inference.yaml", [f"model.wan_dir={tmp_path}", f"model.checkpoint={tmp_path}/c.bin"])
-    problems = pipeline.missing_weights(cfg)
+    problems = components.missing_weights(cfg)
     assert len(problems) == 4 and all("not found" in p for p in problems)
     with pytest.raises(ConfigError, match="model.checkpoint not found"):
         EditingPipeline.load(cfg, progress=False)

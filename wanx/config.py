@@ -37,7 +37,7 @@ WAN_NEGATIVE_PROMPT = (
 
 ATTENTION_BACKENDS = ("tilelang", "triton", "torch", "dense")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-MODEL_KINDS = ("wan", "tiny")
+MODEL_KINDS = ("wan", "tiny", "random")
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a page of text; anything larger is not one
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
@@ -51,7 +51,8 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d{1,2})?")
 @dataclass
 class ModelSection:
     """Where the weights come from. kind "wan" loads checkpoints; "tiny" builds small
-    random-weight components in code (tests, CPU demo) and reads no file."""
+    random-weight components in code (tests, CPU demo); "random" builds every component at
+    its real size with random weights on the device (timing and memory measurements)."""
 
     kind: str = "wan"
     wan_dir: Optional[str] = None  # the Wan2.2-T2V-A14B folder

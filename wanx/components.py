@@ -1,0 +1,189 @@
+"""The three networks of an edit (umT5 text encoder, Wan VAE, LIVEditor DiT): where their weights
+come from, the checks that run before any of them loads, and loading them onto the device.
+
+`model.kind` picks the source: "wan" reads the checkpoints named in `model.*`; "tiny" builds
+small random-weight networks in code (tests, the CPU demo); "random" builds every network at
+its real size with random weights directly on the device (`wanx.random_weights`: timing and
+memory measurements without the real weights). Only "wan" reads weight files (and "tiny"
+its optional `model.checkpoint`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .config import ConfigError, isa_config, one_line
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(cfg) -> torch.device:
+    """The configured device; "auto" is CUDA when available, else the CPU."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg.device!r} requested but CUDA is not available here")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {cfg.device!r} requested but this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s)")
+    return device
+
+
+def weight_paths(cfg) -> dict[str, Optional[str]]:
+    """The files a run reads: {role: path or None}. "tiny": its optional checkpoint; "random":
+    its optional tokenizer folder; "wan": every file."""
+    m = cfg.model
+    if m.kind == "tiny":
+        return {"checkpoint": m.checkpoint} if m.checkpoint else {}
+    if m.kind == "random":
+        return {"tokenizer": m.tokenizer} if m.tokenizer else {}
+    return {"dit": m.dit, "checkpoint": m.checkpoint, "vae": m.vae,
+            "text_encoder": m.text_encoder, "tokenizer": m.tokenizer}
+
+
+def missing_weights(cfg) -> list[str]:
+    """One line per weight path that is unset or absent (nothing is opened)."""
+    problems = []
+    for role, path in weight_paths(cfg).items():
+        if role == "dit" and path is None:
+            continue  # optional: the LIVEditor checkpoint alone is a full DiT
+        if path is None:
+            problems.append(f"model.{role} is not set")
+        elif not os.path.exists(path):
+            problems.append(f"model.{role} not found: {path!r}")
+    if cfg.model.kind == "wan" and cfg.model.dit is None and cfg.model.checkpoint is None:
+        problems.append("neither model.dit nor model.checkpoint is set: no DiT weights")
+    return problems
+
+
+def check_weight_files(cfg) -> None:
+    """Check every weight file's keys, shapes and dtypes from its header, reading no tensor data.
+
+    Runs before anything loads, so that a wrong or damaged file is refused in seconds, not
+    after the text encoder and the VAE have loaded for minutes.
+
+    Raises:
+        wanx.dit_loader.CheckpointError: the first bad file, on one line.
+    """
+    from model import TINY_CONFIG
+
+    from .dit_loader import check_dit_checkpoint
+    from .t5 import check_text_encoder_checkpoint, check_tokenizer_folder
+    from .vae import check_vae_checkpoint
+
+    m = cfg.model
+    if m.kind == "tiny":
+        if m.checkpoint is not None:
+            check_dit_checkpoint(m.checkpoint, config=dict(TINY_CONFIG))
+        return
+    if m.kind == "random":
+        if m.tokenizer is not None:
+            check_tokenizer_folder(m.tokenizer)
+        return
+    check_tokenizer_folder(m.tokenizer)
+    check_text_encoder_checkpoint(m.text_encoder)
+    check_vae_checkpoint(m.vae)
+    if m.dit is not None:
+        check_dit_checkpoint(m.dit, overlay=m.checkpoint)
+    else:
+        check_dit_checkpoint(m.checkpoint)
+
+
+def check_backend(cfg, device: torch.device) -> None:
+    """Run the configured attention backend once on a small input on `device`, before any loading.
+
+    Raises:
+        ConfigError: the backend cannot be imported or cannot run on this device, with its reason.
+    """
+    from in_context_sparse_attention import dense_attention, editing_sparse_attention
+
+    backend = cfg.attention.backend
+    dtype = DTYPES[cfg.model.dtype] if device.type == "cuda" else torch.float32
+    q = torch.randn(1, 3 * cfg.attention.block_size, 2, 64, device=device, dtype=dtype)
+    try:
+        if backend == "dense":
+            dense_attention(q, q, q)
+        else:
+            editing_sparse_attention(q, q, q, cfg.attention.block_size, 2 * cfg.attention.block_size,
+                                     config=isa_config(cfg), backend=backend)
+    except (ImportError, RuntimeError, ValueError, TypeError) as exc:
+        raise ConfigError(f"attention backend {backend!r} cannot run on {device}: {one_line(exc)}") from exc
+
+
+def load_components(cfg, on_component=lambda name: None, on_loaded=lambda: None):
+    """Build or load the text encoder, the VAE and the DiT of `cfg.model` on the configured device.
+
+    Args:
+        cfg: the configuration (`wanx.config`).
+        on_component: called with each component's name before it loads (progress bars).
+        on_loaded: called after each of the three has loaded.
+
+    Returns:
+        (text_encoder `WanTextEncoder`, vae `WanVAE`, dit `WanDiT` in eval mode with the
+        configured attention method, device).
+
+    Raises:
+        ConfigError: missing weight files, an attention backend that cannot run on the
+            device, or components that do not fit together.
+        wanx.dit_loader.CheckpointError: a weight file that cannot be loaded.
+    """
+    from model import TINY_CONFIG, WanDiT
+
+    from . import random_weights
+    from .dit_loader import load_dit
+    from .t5 import WanTextEncoder
+    from .vae import WanVAE
+
+    problems = missing_weights(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    device = resolve_device(cfg)
+    check_backend(cfg, device)
+    m = cfg.model
+    dtype, vae_dtype = DTYPES[m.dtype], DTYPES[m.vae_dtype]
+
+    on_component("text encoder")
+    if m.kind == "tiny":
+        text_encoder = WanTextEncoder.tiny(seed=m.seed, dtype=dtype, device=device)
+    elif m.kind == "random":
+        text_encoder = random_weights.random_text_encoder(device, dtype, seed=m.seed, tokenizer_dir=m.tokenizer)
+    else:
+        text_encoder = WanTextEncoder.from_wan_checkpoint(m.text_encoder, m.tokenizer, dtype=dtype, device=device)
+    on_loaded()
+
+    on_component("VAE")
+    if m.kind == "tiny":
+        vae = WanVAE.tiny(seed=m.seed, dtype=vae_dtype, device=device)
+    elif m.kind == "random":
+        vae = random_weights.random_vae(device, vae_dtype, seed=m.seed)
+    else:
+        vae = WanVAE.from_checkpoint(m.vae, dtype=vae_dtype, device=device)
+    if cfg.video.vae_tiling:
+        vae.enable_tiling()
+    on_loaded()
+
+    on_component("DiT")
+    if m.kind == "tiny" and m.checkpoint is None:
+        dit = WanDiT.tiny(seed=m.seed).to(device)
+        if dtype != torch.float32:
+            dit = dit.to(dtype=dtype)
+    elif m.kind == "tiny":
+        dit = load_dit(m.checkpoint, dtype=dtype, device=device, config=dict(TINY_CONFIG))
+    elif m.kind == "random":
+        dit = random_weights.random_dit(device=device, dtype=dtype, seed=m.seed)
+    elif m.dit is not None:
+        dit = load_dit(m.dit, overlay=m.checkpoint, dtype=dtype, device=device)
+    else:
+        dit = load_dit(m.checkpoint, dtype=dtype, device=device)
+    dit.eval().requires_grad_(False)
+    on_loaded()
+
+    if dit.config.text_dim != text_encoder.dim:
+        raise ConfigError(f"the DiT expects {dit.config.text_dim}-dim text features, the text encoder gives "
+                          f"{text_encoder.dim}")
+    backend = cfg.attention.backend
+    dit.set_attention(backend, None if backend == "dense" else isa_config(cfg))
+    return text_encoder, vae, dit, device

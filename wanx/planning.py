@@ -1,0 +1,176 @@
+"""What an edit will cost, worked out before anything loads: shapes, token counts, the
+self-attention FLOPs of the chosen method against dense, ISA's block counts and a GPU memory
+estimate (`make_plan`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from in_context_sparse_attention import ISAConfig
+from in_context_sparse_attention.layout import BlockLayout
+
+from .components import DTYPES
+from .config import ConfigError, isa_config
+
+if TYPE_CHECKING:
+    from .pipeline import SourceVideo
+
+
+def working_size(cfg, height: int, width: int) -> tuple[int, int]:
+    """(H, W) the model runs at: `video.size`, else the closest 540p bucket times `video.bucket_scale`."""
+    from .video import choose_bucket
+
+    if cfg.video.size is not None:
+        return int(cfg.video.size[0]), int(cfg.video.size[1])
+    bucket_h, bucket_w = choose_bucket(height, width)
+    scale = cfg.video.bucket_scale
+    return max(16, round(bucket_h * scale / 16) * 16), max(16, round(bucket_w * scale / 16) * 16)
+
+
+def attention_flops(seq_len: int, target_len: int, heads: int, head_dim: int,
+                    config: Optional[ISAConfig]) -> float:
+    """Self-attention FLOPs of one layer for one sample (multiply-add = 2 FLOPs).
+
+    Dense: QK^T and PV over all S tokens, 4 S^2 D per head. ISA (SPEC section 2), per head:
+    compressed attention over the NB block means (4 NB^2 D); the floor(NB * flat_ratio)
+    full query blocks attend to the L tokens of the pruned set (4 b L D each); every other
+    query block scores the NKV kept blocks with its mean query (2 NKV D), attends E blocks
+    exactly (4 b^2 E D) and the other NKV - E through one mean key each (4 b (NKV - E) D).
+    """
+    if config is None:
+        return 4.0 * seq_len * seq_len * head_dim * heads
+    b = config.block_size
+    layout = BlockLayout(seq_len=seq_len, target_len=target_len, block_size=b)
+    nb = layout.num_blocks
+    n_full = layout.num_full_query_blocks(config.flat_ratio)
+    nkv = layout.num_kv_blocks(config.select_ratio)
+    exact = layout.num_exact_blocks(config.sparsity, config.select_ratio)
+    kept_tokens = layout.num_kv_tokens(config.select_ratio)
+    compressed = 4.0 * nb * nb * head_dim
+    full = 4.0 * n_full * b * kept_tokens * head_dim
+    sparse = (nb - n_full) * (2.0 * nkv * head_dim + 4.0 * b * b * exact * head_dim + 4.0 * b * (nkv - exact) * head_dim)
+    return heads * (compressed + full + sparse)
+
+
+@dataclass
+class EditPlan:
+    """What a run will do, computed without loading any weights."""
+
+    frames: int
+    frames_read: int
+    fps: float
+    source_size: tuple[int, int]  # (h, w) of the input
+    size: tuple[int, int]  # (H, W) the model runs at
+    latent_shape: tuple[int, int, int, int]  # [16, F', H/8, W/8]
+    target_tokens: int  # T
+    source_tokens: int  # C
+    text_len: int
+    batch: int  # 2 with classifier-free guidance, 1 when guidance is 1
+    steps: int
+    num_layers: int
+    heads: int
+    head_dim: int
+    backend: str
+    isa: Optional[ISAConfig]
+    flops_dense: float  # self-attention FLOPs of the whole run, dense
+    flops_run: float  # the same with the configured backend
+    isa_stats: dict[str, Any]
+    memory: dict[str, float]  # GiB: weights and activation estimates
+
+    @property
+    def seq_len(self) -> int:
+        return self.target_tokens + self.source_tokens
+
+
+def isa_statistics(seq_len: int, target_len: int, config: ISAConfig) -> dict[str, Any]:
+    """Block counts ISA works with at this length (identical for every layer, head and step)."""
+    layout = BlockLayout(seq_len=seq_len, target_len=target_len, block_size=config.block_size)
+    n_full = layout.num_full_query_blocks(config.flat_ratio)
+    candidates = layout.num_candidates
+    selected = layout.num_selected(config.select_ratio)
+    return {
+        "blocks": layout.num_blocks,
+        "full_query_blocks": n_full,
+        "full_query_share": n_full / layout.num_blocks,
+        "source_candidates": candidates,
+        "source_kept": selected,
+        "source_kept_share": selected / candidates if candidates else 0.0,
+        "kv_blocks": layout.num_kv_blocks(config.select_ratio),
+        "exact_blocks": layout.num_exact_blocks(config.sparsity, config.select_ratio),
+    }
+
+
+def _meta_parameter_counts(cfg) -> dict[str, Any]:
+    """Parameter counts of the three networks, built on the meta device (no memory, no files)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from model import TINY_CONFIG, WanDiT
+
+    from .t5 import TINY_CONFIG as T5_TINY, UMT5_XXL_CONFIG
+    from .vae import TINY_CONFIG as VAE_TINY, build_meta_vae
+
+    tiny = cfg.model.kind == "tiny"  # "random" has the real sizes
+    with torch.device("meta"):
+        dit = WanDiT(**TINY_CONFIG) if tiny else WanDiT()
+        t5 = UMT5EncoderModel(UMT5Config(**(T5_TINY if tiny else UMT5_XXL_CONFIG)))
+        if tiny:
+            from diffusers import AutoencoderKLWan
+
+            vae = AutoencoderKLWan(**VAE_TINY)
+    if not tiny:
+        vae = build_meta_vae()
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    return {"dit": count(dit), "text_encoder": count(t5), "vae": count(vae), "dit_config": dict(dit.config)}
+
+
+def make_plan(cfg, source: "SourceVideo") -> EditPlan:
+    """The run's shapes, token counts, attention FLOPs and a GPU memory estimate; loads nothing."""
+    frames, height, width = source.video.shape[1:]
+    h, w = source.source_size
+    counts = _meta_parameter_counts(cfg)
+    dit_cfg = counts["dit_config"]
+    pt, ph, pw = dit_cfg["patch_size"]
+    latent = (16, (frames - 1) // 4 + 1, height // 8, width // 8)
+    if latent[2] % ph or latent[3] % pw:
+        raise ConfigError(f"working size {height}x{width} is not a multiple of 16")
+    tokens = (latent[1] // pt) * (latent[2] // ph) * (latent[3] // pw)
+    heads, dim, layers = dit_cfg["num_heads"], dit_cfg["dim"], dit_cfg["num_layers"]
+    head_dim = dim // heads
+    backend = cfg.attention.backend
+    isa = None if backend == "dense" else isa_config(cfg)
+    batch = 1 if cfg.sampler.guidance == 1.0 else 2
+    seq = 2 * tokens
+    forwards = cfg.sampler.steps * batch * layers
+    flops_dense = forwards * attention_flops(seq, tokens, heads, head_dim, None)
+    flops_run = forwards * attention_flops(seq, tokens, heads, head_dim, isa)
+    stats = isa_statistics(seq, tokens, isa or ISAConfig()) if isa is not None else {}
+
+    gib = 2.0 ** 30
+    weight_bytes = DTYPES[cfg.model.dtype].itemsize
+    ffn = dit_cfg["ffn_dim"]
+    # Peak inside one block: fp32 residual and normed copy, q/k/v/out in the weights' dtype,
+    # the FFN hidden layer and its activation, and the float64 RoPE rotations of q and k
+    # (complex128, 8 bytes per channel); ISA's block tables are small beside these.
+    # Measured for calibration (docs/benchmarks.md): 42.4 GiB peak for one batch-1 forward
+    # at S = 85,680, against 26.6 + 17.5 GiB by this formula.
+    activations = batch * seq * (2 * dim * 4 + 4 * dim * weight_bytes + 2 * ffn * weight_bytes + 2 * dim * 8)
+    memory = {
+        "dit_weights": counts["dit"] * weight_bytes / gib,
+        "text_encoder_weights": counts["text_encoder"] * weight_bytes / gib,
+        "vae_weights": counts["vae"] * DTYPES[cfg.model.vae_dtype].itemsize / gib,
+        "dit_activations": activations / gib,
+    }
+    resident_text = 0.0 if cfg.offload_text_encoder else memory["text_encoder_weights"]
+    memory["peak_estimate"] = (memory["dit_weights"] + memory["vae_weights"] + resident_text
+                               + memory["dit_activations"])
+    return EditPlan(
+        frames=frames, frames_read=source.frames_read, fps=source.fps, source_size=(h, w),
+        size=(height, width), latent_shape=latent, target_tokens=tokens, source_tokens=tokens,
+        text_len=dit_cfg["text_len"], batch=batch, steps=cfg.sampler.steps, num_layers=layers,
+        heads=heads, head_dim=head_dim, backend=backend, isa=isa, flops_dense=flops_dense,
+        flops_run=flops_run, isa_stats=stats, memory=memory,
+    )
