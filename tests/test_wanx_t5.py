@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from wanx import t5 as wt5
+from wanx.dit_loader import CheckpointError
 from wanx.t5 import WanTextEncoder
 from wanx.tokenizer import TEXT_LEN, build_tiny_tokenizer, clean_text, load_tokenizer, tokenize
 
@@ -219,7 +220,7 @@ def test_encode_trims_to_true_lengths(tiny):
 
 
 def test_loader_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="models_t5_umt5-xxl-enc-bf16.pth"):
+    with pytest.raises(CheckpointError, match="models_t5_umt5-xxl-enc-bf16.pth"):
         WanTextEncoder.from_wan_checkpoint(tmp_path / "missing.pth", tmp_path)
     with pytest.raises(FileNotFoundError, match="google/umt5-xxl"):
         load_tokenizer(tmp_path / "no_tokenizer")

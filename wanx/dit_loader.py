@@ -281,8 +281,8 @@ def read_entries(path: PathLike) -> dict[str, _Entry]:
     if path.suffix in TORCH_SUFFIXES:
         return _torch_entries(path)
     raise CheckpointError(
-        f"{path}: unknown checkpoint format; expected a Wan expert folder, a .safetensors file or a torch "
-        f"file ({', '.join(TORCH_SUFFIXES)})"
+        f"{path}: unknown checkpoint format; expected a .safetensors file, a torch file "
+        f"({', '.join(TORCH_SUFFIXES)}) or a folder of safetensors shards (a Wan expert folder)"
     )
 
 
