@@ -81,7 +81,8 @@ def wan_reference_encode(sd, ids, mask, num_heads, max_dist=128, eps=1e-6):
         attn = torch.softmax(torch.einsum("bihd,bjhd->bhij", q, k) + pos_bias + key_mask, dim=-1)
         x = x + F.linear(torch.einsum("bhij,bjhd->bihd", attn, v).reshape(batch, length, -1), sd[p + "attn.o.weight"])
         h = rms(x, sd[p + "norm2.weight"])
-        gated = F.linear(h, sd[p + "ffn.fc1.weight"]) * F.gelu(F.linear(h, sd[p + "ffn.gate.0.weight"]), approximate="tanh")
+        gate = F.gelu(F.linear(h, sd[p + "ffn.gate.0.weight"]), approximate="tanh")
+        gated = F.linear(h, sd[p + "ffn.fc1.weight"]) * gate
         x = x + F.linear(gated, sd[p + "ffn.fc2.weight"])
     return rms(x, sd["norm.weight"])
 

@@ -155,7 +155,7 @@ def wan_named_state_dict(vae):
     return {wan: diffusers_sd[diff].clone() for diff, wan in to_diffusers.items()}
 
 
-def test_loads_original_checkpoint_offline_through_from_single_file(tiny, tmp_path):
+def test_loads_original_checkpoint_offline(tiny, tmp_path):
     state_dict = wan_named_state_dict(tiny)
     assert "decoder.middle.0.residual.0.gamma" in state_dict and "encoder.downsamples.0.residual.0.gamma" in state_dict
     pth = tmp_path / "Wan2.1_VAE_tiny.pth"
