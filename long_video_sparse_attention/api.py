@@ -64,6 +64,7 @@ def lvsa_attention(
     config: LVSAConfig = LVSAConfig(),
     backend: str = "flex",
     parts: int = 2,
+    kernel_options: dict | None = None,
 ) -> torch.Tensor:
     """Long-Video Sparse Attention over [target tokens | source tokens].
 
@@ -79,11 +80,15 @@ def lvsa_attention(
         backend: "flex" (FlexAttention compiled with torch.compile: CUDA, and the CPU) or
             "torch" (masked dense attention in PyTorch, the reference: small sequences only).
         parts: copies of the clip in the sequence: 2 for [target | source], 1 for a plain video.
+        kernel_options: backend "flex" only: FlexAttention's kernel_options (e.g. tile sizes,
+            or {"BACKEND": "FLASH"}); None keeps its defaults.
     Returns:
         [B, S, H, D], q's dtype.
     """
     _check_inputs(q, k, v, num_frames, tokens_per_frame, step, config, backend, parts)
+    if kernel_options is not None and (backend != "flex" or not isinstance(kernel_options, dict)):
+        raise ValueError(f"kernel_options must be None, or a dict with backend 'flex', got {kernel_options!r}")
     if backend == "torch":
         return lvsa_attention_reference(q, k, v, lvsa_frame_mask(num_frames, step, config), tokens_per_frame, parts)
     block_mask = cached_block_mask(num_frames, tokens_per_frame, parts, step, config, q.device)
-    return flex_lvsa_attention(q, k, v, block_mask)
+    return flex_lvsa_attention(q, k, v, block_mask, kernel_options=kernel_options)

@@ -93,7 +93,12 @@ def _compiled_flex_attention():
 
 
 def flex_lvsa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, compiled: bool = True
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    compiled: bool = True,
+    kernel_options: dict | None = None,
 ) -> torch.Tensor:
     """FlexAttention over [B, S, H, D] tensors with an LVSA BlockMask.
 
@@ -103,9 +108,13 @@ def flex_lvsa_attention(
         compiled: run the torch.compile'd fused kernel (the fast path); False runs
             FlexAttention's eager implementation, which materialises the scores and serves
             to check block masks quickly on the CPU.
+        kernel_options: FlexAttention's kernel_options, e.g. {"BACKEND": "FLASH"} for its
+            experimental CuTe-DSL FlashAttention kernel (needs the flash_attn.cute package).
     Returns:
         [B, S, H, D] contiguous, q's dtype.
     """
     attend = _compiled_flex_attention() if compiled else flex_attention
-    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+    out = attend(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, kernel_options=kernel_options
+    )
     return out.transpose(1, 2).contiguous()

@@ -191,6 +191,7 @@ def _call(q=None, k=None, v=None, num_frames=4, tokens_per_frame=3, step=0, **kw
         (dict(step=-1), ValueError, "step must be an int >= 0"),
         (dict(backend="cuda"), ValueError, "backend must be one of 'flex', 'torch', got 'cuda'"),
         (dict(config={"window": 3}), TypeError, "config must be an LVSAConfig"),
+        (dict(backend="torch", kernel_options={"BLOCK_M": 64}), ValueError, "kernel_options must be None, or a dict"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(kwargs, error, message):
