@@ -7,7 +7,8 @@ For each clip length (161 and 321 video frames by default, i.e. 41 and 81 latent
 - the median time (triton.testing.do_bench, CUDA events) of dense attention on SDPA's
   cuDNN kernel and on FlashAttention-3 when it is importable (`flash_attn_interface` or
   `fa3_fwd_interface`), and of LVSA (`lvsa_attention`, backend "flex") at the first
-  --steps denoising steps (the keyframes move with the step);
+  --steps denoising steps (the keyframes move with the step), on FlexAttention's default
+  Triton kernel and, when `flash_attn.cute` is importable, on its experimental FLASH one;
 - LVSA's attended fraction (share of the (query, key) token pairs it attends) and the share
   of 128 x 128 tiles the kernel computes (partial tiles at frame boundaries included);
 - the achieved fraction of FlashAttention-3's speed per attended FLOP,
@@ -28,7 +29,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
+import importlib.util
 import json
 import platform
 import statistics
@@ -135,6 +138,20 @@ def dense_baselines(device: torch.device, dtype: torch.dtype) -> dict:
     return baselines
 
 
+def lvsa_kernels(device: torch.device) -> dict:
+    """name -> FlexAttention kernel_options of the LVSA kernels to time: the default (Triton)
+    kernel, and FlexAttention's experimental FlashAttention (CuTe-DSL) one when flash_attn.cute
+    is importable."""
+    kernels = {"flex": None}
+    try:
+        flash_cute = device.type == "cuda" and importlib.util.find_spec("flash_attn.cute") is not None
+    except ImportError:
+        flash_cute = False
+    if flash_cute:
+        kernels["flex_flash"] = {"BACKEND": "FLASH"}
+    return kernels
+
+
 def sampled_rows_error(q, k, v, out, frame_mask, tokens_per_frame, rows: int) -> float:
     """Relative L2 error of out [1, S, H, D] on `rows` query rows spread over the sequence (both
     parts, many frames) and two heads, against float32 masked softmax attention over every key."""
@@ -164,9 +181,9 @@ def run_clip(video_frames: int, args, device: torch.device, dtype: torch.dtype, 
     dense_flops = 4.0 * shape[0] * shape[2] * seq * seq * shape[3]
 
     dense_ms = {}
-    for name, attend in dense_baselines(device, dtype).items():
+    for name, dense_attend in dense_baselines(device, dtype).items():
         try:
-            dense_ms[name] = median_ms(lambda: attend(q, k, v), device, args.warmup, args.rep)
+            dense_ms[name] = median_ms(functools.partial(dense_attend, q, k, v), device, args.warmup, args.rep)
         except RuntimeError as error:  # e.g. no cuDNN attention kernel for this GPU or dtype
             print(f"  dense {name}: not run ({str(error).splitlines()[0]})")
             continue
@@ -177,36 +194,40 @@ def run_clip(video_frames: int, args, device: torch.device, dtype: torch.dtype, 
         frame_mask = lvsa_frame_mask(num_frames, step, config)
         fraction = attended_fraction(frame_mask)
         tiles = block_structure(frame_mask.to(device), tokens_per_frame).computed_fraction
-        if args.smoke:
-            block_mask = cached_block_mask(num_frames, tokens_per_frame, 2, step, config, device)
-
-            def attend():
-                return flex_lvsa_attention(q, k, v, block_mask, compiled=False)
-
-        else:
-
-            def attend():
-                return lvsa_attention(q, k, v, num_frames, tokens_per_frame, step, config, backend="flex")
-
-        lvsa_ms = median_ms(attend, device, args.warmup, args.rep)
-        error = sampled_rows_error(q, k, v, attend(), frame_mask, tokens_per_frame, args.check_rows)
-        row = {
-            "step": step,
-            "attended_fraction": fraction,
-            "computed_tile_fraction": tiles,
-            "lvsa_ms": lvsa_ms,
-            "lvsa_attended_tflops": fraction * dense_flops / lvsa_ms / 1e9,
-            "relative_l2_sampled_rows": error,
-        }
-        for name, ms in dense_ms.items():
-            row[f"speedup_vs_{name}"] = ms / lvsa_ms
-            row[f"speed_per_attended_flop_vs_{name}"] = fraction * ms / lvsa_ms
-        if "fa3" in dense_ms:
-            row["meets_goal"] = row["speed_per_attended_flop_vs_fa3"] >= GOAL
-        print(f"  LVSA step {step}: attended {fraction:.3f}, tiles {tiles:.3f}, {lvsa_ms:.2f} ms, "
-              f"rel. L2 {error:.2e}" + "".join(f", x{ms / lvsa_ms:.2f} vs {name}" for name, ms in dense_ms.items()),
-              flush=True)
-        steps.append(row)
+        for kernel, kernel_options in lvsa_kernels(device).items():
+            if args.smoke:  # eager FlexAttention: no compile on the CPU
+                block_mask = cached_block_mask(num_frames, tokens_per_frame, 2, step, config, device)
+                attend = functools.partial(flex_lvsa_attention, q, k, v, block_mask, compiled=False)
+            else:
+                attend = functools.partial(
+                    lvsa_attention, q, k, v, num_frames, tokens_per_frame, step, config, "flex",
+                    kernel_options=kernel_options,
+                )
+            try:
+                lvsa_ms = median_ms(attend, device, args.warmup, args.rep)
+            except Exception as error:  # an optional kernel that does not build here: say so and go on
+                reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                print(f"  LVSA {kernel} step {step}: not run ({reason})")
+                continue
+            relative_error = sampled_rows_error(q, k, v, attend(), frame_mask, tokens_per_frame, args.check_rows)
+            row = {
+                "step": step,
+                "kernel": kernel,
+                "attended_fraction": fraction,
+                "computed_tile_fraction": tiles,
+                "lvsa_ms": lvsa_ms,
+                "lvsa_attended_tflops": fraction * dense_flops / lvsa_ms / 1e9,
+                "relative_l2_sampled_rows": relative_error,
+            }
+            for name, ms in dense_ms.items():
+                row[f"speedup_vs_{name}"] = ms / lvsa_ms
+                row[f"speed_per_attended_flop_vs_{name}"] = fraction * ms / lvsa_ms
+            if "fa3" in dense_ms:
+                row["meets_goal"] = row["speed_per_attended_flop_vs_fa3"] >= GOAL
+            print(f"  LVSA {kernel} step {step}: attended {fraction:.3f}, tiles {tiles:.3f}, {lvsa_ms:.2f} ms, "
+                  f"{row['lvsa_attended_tflops']:.0f} attended TFLOP/s, rel. L2 {relative_error:.2e}"
+                  + "".join(f", x{ms / lvsa_ms:.2f} vs {name}" for name, ms in dense_ms.items()), flush=True)
+            steps.append(row)
     del q, k, v
     return {
         "video_frames": video_frames,
@@ -231,16 +252,16 @@ def markdown_table(results: list[dict]) -> str:
         return pattern.format(value) if value is not None else "-"
 
     lines = [
-        "| video frames | F | S | step | attended | tiles computed | dense cuDNN ms | dense FA3 ms | LVSA ms "
+        "| video frames | F | S | step | kernel | attended | tiles computed | dense cuDNN ms | dense FA3 ms | LVSA ms "
         f"| speed-up vs FA3 | FA3 speed per attended FLOP (goal >= {GOAL}) | rel. L2 |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for clip in results:
         dense = clip["dense_ms"]
         for row in clip["lvsa"]:
             lines.append(
                 f"| {clip['video_frames']} | {clip['latent_frames']} | {clip['seq_len']:,} | {row['step']} "
-                f"| {row['attended_fraction']:.3f} | {row['computed_tile_fraction']:.3f} "
+                f"| {row['kernel']} | {row['attended_fraction']:.3f} | {row['computed_tile_fraction']:.3f} "
                 f"| {cell(dense.get('sdpa_cudnn'), '{:.1f}')} | {cell(dense.get('fa3'), '{:.1f}')} "
                 f"| {row['lvsa_ms']:.1f} | {cell(row.get('speedup_vs_fa3'), 'x{:.2f}')} "
                 f"| {cell(row.get('speed_per_attended_flop_vs_fa3'), '{:.2f}')} "
