@@ -24,7 +24,7 @@ from .layout import block_structure, check_frame_mask
 from .pattern import keyframe_offset, lvsa_frame_mask
 
 BLOCK_SIZE = 128  # tokens per tile side of the block mask
-_CACHED_BLOCK_MASKS = 32  # at 81 frames one is ~55 MB of int32 lists; kfi <= 6 of them per clip
+_CACHED_BLOCK_MASKS = 32  # at 81 frames one is ~53 MB of int32 tile lists; kfi = 6 of them per clip
 
 
 def _tile_lists(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
