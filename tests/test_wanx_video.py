@@ -244,31 +244,20 @@ def test_unwritable_output_folder(tmp_path):
 
 
 def test_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path, monkeypatch):
-    import imageio.v2 as iio
+    """An encoder that reads two frames, reports an error and exits 1 (a stand-in for ffmpeg)."""
+    import imageio_ffmpeg
 
+    fake = tmp_path / "bin" / "ffmpeg"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nhead -c 1536 >/dev/null\necho 'Error writing frame: disk full' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", lambda: str(fake))
     destination = tmp_path / "out.mp4"
     destination.write_bytes(b"previous result")
-    real_get_writer = iio.get_writer
-
-    def failing_writer(*args, **kwargs):
-        writer = real_get_writer(*args, **kwargs)
-        written = []
-
-        def append_data(frame):
-            if len(written) == 2:
-                raise RuntimeError("disk full")
-            written.append(frame)
-            real_append(frame)
-
-        real_append = writer.append_data
-        writer.append_data = append_data
-        return writer
-
-    monkeypatch.setattr(iio, "get_writer", failing_writer)
     with pytest.raises(VideoError, match="disk full") as err:
         wv.write_video(destination, gray_levels(5, 16, 16))
     _assert_one_line(err, destination)
-    assert os.listdir(tmp_path) == ["out.mp4"]
+    assert sorted(os.listdir(tmp_path)) == ["bin", "out.mp4"]
     assert destination.read_bytes() == b"previous result"
 
 
