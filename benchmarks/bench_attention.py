@@ -40,7 +40,6 @@ from in_context_sparse_attention.dense import dense_attention, dense_kernel_name
 from in_context_sparse_attention import full_attention  # noqa: E402
 from in_context_sparse_attention.layout import BlockLayout  # noqa: E402
 from in_context_sparse_attention.residual import GatedShortcut, add_residual  # noqa: E402
-from in_context_sparse_attention.selection import make_plan  # noqa: E402
 from gpu_monitor import GpuMonitor, describe  # noqa: E402
 
 DENSE_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION}
@@ -163,12 +162,10 @@ def stage_breakdown(q, k, v, t_len: int, c_len: int, backend: str, config: ISACo
     between CUDA events), with a per-token alpha tensor as the model passes it. A backend
     that fuses the residual into its scatter and sparse kernel has it timed there."""
     impl = get_backend(backend)
-    plan_fn = getattr(impl, "make_plan", make_plan)
-    gather = getattr(impl, "gather_blocks", full_attention.gather_blocks)
-    scatter = getattr(impl, "scatter_blocks", full_attention.scatter_blocks)
+    gather, scatter = impl.gather_blocks, impl.scatter_blocks
     layout = BlockLayout(seq_len=q.shape[1], target_len=t_len, block_size=config.block_size)
     alpha = torch.rand(1, q.shape[1], 1, 1, device="cuda") * 0.25
-    fused = getattr(impl, "fuses_residual", False)  # the residual is added by the scatter and the sparse kernel
+    fused = impl.fuses_residual  # the residual is added by the scatter and the sparse kernel
     names = ["pooling", "selection", "full part (gather + dense + scatter)", "sparse kernel", "residual and output"]
     samples = {name: [] for name in names}
     for _ in range(iters + 3):
@@ -176,7 +173,7 @@ def stage_breakdown(q, k, v, t_len: int, c_len: int, backend: str, config: ISACo
         events[0].record()
         means = [impl.pool_blocks(x, layout) for x in (q, k, v)]
         events[1].record()
-        plan = plan_fn(*means, layout, config)
+        plan = impl.make_plan(*means, layout, config)
         events[2].record()
         residual = {"residual": GatedShortcut.of(plan, alpha, q.device)} if fused else {}
         out_padded = torch.empty(1, layout.padded_len, q.shape[2], q.shape[3], dtype=q.dtype, device="cuda")

@@ -42,7 +42,7 @@ def measure(fn, *args, **kwargs) -> tuple[float, float]:
 
 
 def staged(name: str, record: dict):
-    """Wrap `api`'s shared stages and the backend's hooks so that each call's peak (GiB
+    """Wrap `api`'s shared stages and the backend's steps so that each call's peak (GiB
     above its start) is added to record[label]; returns a function that undoes it."""
     impl = get_backend(name)
 
@@ -58,10 +58,10 @@ def staged(name: str, record: dict):
 
         return timed
 
-    hooks = [h for h in ("pool_blocks", "make_plan", "sparse_block_attention") if hasattr(impl, h)]
-    for hook in hooks:
-        setattr(impl, hook, wrap(getattr(type(impl), hook), f"{hook} ({name})"))
-    originals = {"make_plan": api.make_plan, "full_block_attention": api.full_block_attention, "add_residual": api.add_residual}
+    hooks = ("pool_blocks", "make_plan", "sparse_block_attention")
+    for hook in hooks:  # an instance attribute over the class's method, removed by undo()
+        setattr(impl, hook, wrap(getattr(impl, hook), f"{hook} ({name})"))
+    originals = {"full_block_attention": api.full_block_attention, "add_residual": api.add_residual}
     for attr, fn in originals.items():
         setattr(api, attr, wrap(fn, attr))
 

@@ -7,10 +7,9 @@ import torch
 
 from .backends import get_backend
 from .config import ISAConfig
-from .full_attention import full_block_attention, gather_blocks, scatter_blocks
+from .full_attention import full_block_attention
 from .layout import BlockLayout
 from .residual import GatedShortcut, add_residual
-from .selection import make_plan
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -92,17 +91,15 @@ def editing_sparse_attention(
     impl.check_inputs(q, config)
     layout = BlockLayout(seq_len=q.shape[1], target_len=int(t_seq_len), block_size=config.block_size)
 
-    plan_builder = getattr(impl, "make_plan", make_plan)  # a backend may build the same plan with kernels
-    plan = plan_builder(impl.pool_blocks(q, layout), impl.pool_blocks(k, layout), impl.pool_blocks(v, layout), layout, config)
+    means = [impl.pool_blocks(x, layout) for x in (q, k, v)]
+    plan = impl.make_plan(*means, layout, config)
     batch, _, heads, dim = q.shape
     out_padded = torch.empty(batch, layout.padded_len, heads, dim, dtype=q.dtype, device=q.device)
     with_residual = alpha is not None and (isinstance(alpha, torch.Tensor) or alpha != 0)
-    fused = with_residual and getattr(impl, "fuses_residual", False)  # added by the kernels that write the rows
+    fused = with_residual and impl.fuses_residual  # added by the kernels that write the rows
     residual = {"residual": GatedShortcut.of(plan, alpha, q.device)} if fused else {}
-    full_block_attention(  # a backend may bring kernels for the block copies around the dense kernel
-        q, k, v, plan, out_padded,
-        gather=getattr(impl, "gather_blocks", gather_blocks), scatter=getattr(impl, "scatter_blocks", scatter_blocks),
-        **residual,
+    full_block_attention(
+        q, k, v, plan, out_padded, gather=impl.gather_blocks, scatter=impl.scatter_blocks, **residual
     )
     impl.sparse_block_attention(q, k, v, plan, out_padded, **residual)
     if with_residual and not fused:

@@ -1,38 +1,26 @@
-"""Registry of ISA backends. A backend supplies the two kernel-worthy steps of ISA:
+"""Registry of ISA backends: their names (`BACKEND_NAMES`, written nowhere else) and `get_backend`.
 
-- `pool_blocks(x [B, S, H, D], layout) -> [B, H, NB, D] fp32` block means;
-- `sparse_block_attention(q, k, v, plan, out_padded)`: exact top-E + Taylor for the
-  diffuse query blocks, written into out_padded [B, NB * b, H, D];
-and `check_inputs(q, config)`, which raises a clear ValueError for what it cannot run.
-Optionally:
-- `make_plan(qc, kc, vc, layout, config) -> ISAPlan`: the block decisions with kernels,
-  the same plan as `selection.make_plan` (used without it); the Triton and TileLang
-  backends share the Triton one (`triton_selection.py`);
-- `gather_blocks` and `scatter_blocks`: the block copies around the dense kernel, with
-  the contracts of `full_attention.gather_blocks` / `scatter_blocks` (PyTorch defaults);
-- `fuses_residual = True`: its `scatter_blocks` and `sparse_block_attention` take
-  `residual=` a `residual.GatedShortcut` and add alpha * Oc[block(t)] to every row they
-  write (Triton and TileLang); without it `residual.add_residual` (PyTorch) makes a pass
-  over the finished output.
-Everything else (the dense half, and the defaults above) is shared.
+Every backend is an `ISABackend` (backend_base.py, where the interface is documented).
 Backends are imported lazily, so a missing optional package only matters when it is used.
 """
 from __future__ import annotations
 
 import importlib
 
+from .backend_base import ISABackend
+
 _BACKENDS = {
     "torch": ("in_context_sparse_attention.reference", "TorchBackend"),
     "triton": ("in_context_sparse_attention.triton_backend", "TritonBackend"),
     "tilelang": ("in_context_sparse_attention.tilelang_backend", "TileLangBackend"),
 }
-_INSTANCES: dict = {}
+_INSTANCES: dict[str, ISABackend] = {}
 
 BACKEND_NAMES = tuple(_BACKENDS)
 
 
-def get_backend(name: str):
-    """The backend object for `name` (one of BACKEND_NAMES)."""
+def get_backend(name: str) -> ISABackend:
+    """The backend object for `name` (one of BACKEND_NAMES), created once per process."""
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}, got {name!r}")
     if name not in _INSTANCES:

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .backend_base import ISABackend
 from .full_attention import block_token_ids, gather_tokens
 from .layout import BlockLayout
 from .selection import ISAPlan
@@ -89,13 +90,10 @@ def sparse_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
             ot[sel].scatter_(2, q_ids[sel][..., None].expand(-1, -1, -1, dim), result.to(out_padded.dtype))
 
 
-class TorchBackend:
-    """Pure PyTorch: any device, any float dtype, any head dim."""
+class TorchBackend(ISABackend):
+    """Pure PyTorch: any device, any float dtype, any head dim and block size; the
+    selection and block copies are `ISABackend`'s PyTorch defaults."""
 
     name = "torch"
-
-    def check_inputs(self, q: torch.Tensor, config) -> None:
-        """Nothing beyond the common checks: every shape and device works."""
-
     pool_blocks = staticmethod(pool_blocks)
     sparse_block_attention = staticmethod(sparse_block_attention)

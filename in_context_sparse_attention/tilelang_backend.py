@@ -13,16 +13,14 @@ import importlib.util
 
 import torch
 
-from . import triton_backend, triton_selection
+from . import triton_selection
+from .backend_base import ISABackend
 from .layout import BlockLayout
 from .residual import GatedShortcut
 from .selection import ISAPlan
+from .triton_block_copies import gather_blocks, scatter_blocks
 
-SUPPORTED_HEAD_DIMS = (64, 128)
-SUPPORTED_BLOCK_SIZES = (64,)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_HINT = "use backend 'torch' (any device) or 'triton'"
 # One warpgroup per program and several programs per SM, with cp.async loads: on the H100
 # at 65,536 tokens this ran the sparse kernel in 5.5 ms, against 8.3 ms for tilelang's
 # default warp-specialised producer/consumer split, which takes 240 registers a thread
@@ -126,37 +124,29 @@ def sparse_block_attention(
         )
 
 
-def unsupported_reason(head_dim: int, dtype: torch.dtype, block_size: int) -> str | None:
-    """Why the kernels cannot run this head dim, dtype or block size; None when they can."""
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        return f"backend 'tilelang' supports head dims {SUPPORTED_HEAD_DIMS}, got {head_dim}"
-    if dtype not in SUPPORTED_DTYPES:
-        return f"backend 'tilelang' supports dtypes float16, bfloat16, got {dtype}"
-    if block_size not in SUPPORTED_BLOCK_SIZES:
-        return f"backend 'tilelang' supports block sizes {SUPPORTED_BLOCK_SIZES}, got {block_size}"
-    return None
-
-
-class TileLangBackend:
-    """TileLang kernels for pooling and the sparse half (which adds the residual); CUDA GPUs (Hopper: sm_90a)."""
+class TileLangBackend(ISABackend):
+    """TileLang kernels for pooling and the sparse half (which adds the residual); CUDA GPUs
+    (Hopper: sm_90a). The block selection and the block copies are the Triton kernels
+    (`triton_selection.py`, `triton_block_copies.py`)."""
 
     name = "tilelang"
+    dtypes = (torch.float16, torch.bfloat16)
+    head_dims = (64, 128)
+    block_sizes = (64,)
+    hint = "use backend 'torch' (any device) or 'triton'"
+    fuses_residual = True  # the (shared) scatter and the sparse kernel add it as they write
 
-    def check_inputs(self, q: torch.Tensor, config) -> None:
-        """Raise a clear ValueError for inputs the kernels cannot run."""
-        if not torch.cuda.is_available() or q.device.type != "cuda":
-            where = "no CUDA device is available" if not torch.cuda.is_available() else f"got tensors on {q.device}"
-            raise ValueError(f"the tilelang backend needs a CUDA GPU ({where}); {_HINT}")
-        reason = unsupported_reason(q.shape[-1], q.dtype, config.block_size)
-        if reason is not None:
-            raise ValueError(f"{reason}; {_HINT}")
+    def unsupported_reason(self, device: torch.device | str, dtype: torch.dtype) -> str | None:
+        device = torch.device(device)
+        if not torch.cuda.is_available() or device.type != "cuda":
+            where = "no CUDA device is available" if not torch.cuda.is_available() else f"got tensors on {device}"
+            return f"the tilelang backend needs a CUDA GPU ({where}); {self.hint}"
         if importlib.util.find_spec("tilelang") is None:
-            raise ValueError(f"the tilelang backend needs the tilelang package (pip install tilelang==0.1.15); {_HINT}")
+            return f"the tilelang backend needs the tilelang package (pip install tilelang==0.1.15); {self.hint}"
+        return super().unsupported_reason(device, dtype)
 
     pool_blocks = staticmethod(pool_blocks)
-    # shared with the Triton backend: the block selection, and the block copies around the dense kernel
     make_plan = staticmethod(triton_selection.make_plan)
-    gather_blocks = staticmethod(triton_backend.gather_blocks)
-    scatter_blocks = staticmethod(triton_backend.scatter_blocks)
+    gather_blocks = staticmethod(gather_blocks)
+    scatter_blocks = staticmethod(scatter_blocks)
     sparse_block_attention = staticmethod(sparse_block_attention)
-    fuses_residual = True  # the (shared) scatter and the sparse kernel add it as they write

@@ -15,18 +15,13 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import triton_selection
+from .backend_base import ISABackend
 from .layout import BlockLayout
 from .residual import GatedShortcut
 from .selection import ISAPlan
+from .triton_block_copies import COPY_WARPS, gather_blocks, scatter_blocks
 
-SUPPORTED_HEAD_DIMS = (64, 128)
-SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2_E = 1.4426950408889634
-# Warps per program of the memory-bound kernels (pooling, block copies), each of
-# which moves one [b, D] tile. H100, 65,536 tokens, bf16: pooling 0.242 / 0.246 / 0.289 /
-# 0.411 ms per tensor with 1 / 2 / 4 / 8 warps.
-COPY_WARPS = 2
 
 
 def interpreting() -> bool:
@@ -146,80 +141,32 @@ def sparse_block_attention(
     )
 
 
-def gather_blocks(x: torch.Tensor, blocks: torch.Tensor, block_size: int, num_tokens: int) -> torch.Tensor:
-    """The tokens of whole blocks, per head: x [B, S, H, D], blocks [B, H, N] -> [B, H, L, D].
-
-    Row slot * b + r of head h is token blocks[b, h, slot] * b + r; only the first
-    L = num_tokens rows are kept, and a token past S (a partial last block) reads as 0.
-    """
-    batch, seq, heads, dim = x.shape
-    num_slots = blocks.shape[-1]
-    out = torch.empty(batch, heads, num_tokens, dim, dtype=x.dtype, device=x.device)
-    if num_slots == 0 or num_tokens == 0:
-        return out
-    _kernels().gather_blocks_kernel[(batch * heads, triton.cdiv(num_tokens, block_size))](
-        x, blocks.contiguous(), out, seq, heads, num_slots, num_tokens, *x.stride(),
-        BLOCK=block_size, HEAD_DIM=dim, num_warps=COPY_WARPS,
-    )
-    return out
-
-
-def scatter_blocks(rows: torch.Tensor, blocks: torch.Tensor, out_padded: torch.Tensor, residual: GatedShortcut | None = None) -> None:
-    """The inverse of `gather_blocks` into the padded output: out_padded[b, blocks[b, h, slot] * b' + r, h]
-    = rows[b, h, slot * b' + r] for every row r of every slot, plus the residual when given.
-
-    Args: rows: [B, H, N * b', D] (any strides); blocks: [B, H, N]; out_padded: [B, NB * b', H, D],
-        contiguous; residual: ISA's gated residual (added at the real rows), or None.
-    """
-    batch, heads, num_rows, dim = rows.shape
-    num_slots = blocks.shape[-1]
-    if num_slots == 0:
-        return
-    if not out_padded.is_contiguous():
-        raise ValueError("scatter_blocks writes into a contiguous out_padded [B, NB * b, H, D]")
-    block_size = num_rows // num_slots
-    num_blocks = out_padded.shape[1] // block_size
-    if residual is None:
-        shortcut, gate, seq_len = out_padded, out_padded, out_padded.shape[1]  # not read
-    else:
-        shortcut, gate, seq_len = residual.shortcut, residual.gate, residual.gate.shape[1]
-    _kernels().scatter_blocks_kernel[(batch * heads, num_slots)](
-        rows, blocks.contiguous(), out_padded, shortcut, gate, seq_len, heads, num_slots, num_blocks, *rows.stride(),
-        BLOCK=block_size, HEAD_DIM=dim, HAS_RESIDUAL=residual is not None,
-        INTERPRETER=out_padded.device.type == "cpu", num_warps=COPY_WARPS,
-    )
-
-
-class TritonBackend:
-    """Triton kernels for pooling, the block selections and the sparse half; CUDA, or CPU
-    under TRITON_INTERPRET=1."""
+class TritonBackend(ISABackend):
+    """Triton kernels for pooling, the block selections, the block copies and the sparse
+    half; CUDA, or CPU under TRITON_INTERPRET=1."""
 
     name = "triton"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    head_dims = (64, 128)
+    block_sizes = (16, 32, 64, 128)
+    hint = "use backend='torch'"
+    fuses_residual = True  # scatter_blocks and sparse_block_attention add it as they write
 
-    def check_inputs(self, q: torch.Tensor, config) -> None:
-        """Raise a clear ValueError for inputs the kernels cannot run."""
-        if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(
-                f"backend 'triton' supports head dims {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}; use backend='torch'"
-            )
-        if q.dtype not in SUPPORTED_DTYPES:
-            names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
-            raise ValueError(f"backend 'triton' supports dtypes {names}, got {q.dtype}; use backend='torch'")
-        if config.block_size not in SUPPORTED_BLOCK_SIZES:
-            raise ValueError(
-                f"backend 'triton' supports block sizes {SUPPORTED_BLOCK_SIZES}, got {config.block_size}; use backend='torch'"
-            )
-        if q.device.type == "cpu" and not interpreting():
-            raise ValueError(
+    def unsupported_reason(self, device: torch.device | str, dtype: torch.dtype) -> str | None:
+        device = torch.device(device)
+        if device.type == "cpu" and not interpreting():
+            return (
                 "backend 'triton' needs CUDA tensors, got CPU tensors: use backend='torch', "
                 "or set TRITON_INTERPRET=1 to run the kernels on triton's CPU interpreter"
             )
-        if q.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"backend 'triton' runs on CUDA (or CPU under TRITON_INTERPRET=1), got device {q.device}")
+        if device.type not in ("cpu", "cuda"):
+            return f"backend 'triton' runs on CUDA (or CPU under TRITON_INTERPRET=1), got device {device}; {self.hint}"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return f"backend 'triton' needs a CUDA GPU, and none is available; {self.hint}"
+        return super().unsupported_reason(device, dtype)
 
     pool_blocks = staticmethod(pool_blocks)
     make_plan = staticmethod(triton_selection.make_plan)
     gather_blocks = staticmethod(gather_blocks)
     scatter_blocks = staticmethod(scatter_blocks)
     sparse_block_attention = staticmethod(sparse_block_attention)
-    fuses_residual = True  # scatter_blocks and sparse_block_attention add it as they write

@@ -1,10 +1,16 @@
 """Every bad input to the public call raises an error that names the argument and what was expected."""
 from __future__ import annotations
 
+import ast
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
-from in_context_sparse_attention import ISAConfig, editing_sparse_attention
+from in_context_sparse_attention import BACKEND_NAMES, ISAConfig, editing_sparse_attention
+from in_context_sparse_attention.backend_base import ISABackend
+from in_context_sparse_attention.backends import get_backend
 
 
 def _qkv(seq=96, heads=2, dim=64, dtype=torch.float32):
@@ -88,3 +94,32 @@ def test_mismatched_devices():
 def test_good_call_still_works():
     out = _call(alpha=0.5)
     assert out.shape == (1, 96, 2, 64) and not out.isnan().any()
+
+
+def test_every_backend_is_an_isa_backend():
+    for name in BACKEND_NAMES:
+        backend = get_backend(name)
+        assert isinstance(backend, ISABackend) and backend.name == name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answers of a machine without CUDA")
+def test_unsupported_reason_on_a_machine_without_cuda(monkeypatch):
+    """None where a backend can run (triton: on the interpreter), else a reason with a hint."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert get_backend("torch").unsupported_reason("cpu", torch.float64) is None
+    assert get_backend("triton").unsupported_reason("cpu", torch.bfloat16) is None
+    assert re.search(r"dtypes float16, bfloat16, float32, got torch.float64; use backend='torch'",
+                     get_backend("triton").unsupported_reason("cpu", torch.float64))
+    assert re.search(r"CUDA GPU.*backend 'torch'", get_backend("tilelang").unsupported_reason("cuda", torch.bfloat16))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert re.search(r"backend='torch'.*TRITON_INTERPRET=1", get_backend("triton").unsupported_reason("cpu", torch.float32))
+
+
+def test_backend_modules_do_not_import_each_other():
+    """What the Triton and TileLang backends share lives in modules of its own."""
+    package = Path(__file__).resolve().parents[1] / "in_context_sparse_attention"
+    for module, other in (("triton_backend", "tilelang_backend"), ("tilelang_backend", "triton_backend")):
+        tree = ast.parse((package / f"{module}.py").read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+        imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not any(other in name for name in imported), f"{module} imports {other}"

@@ -23,7 +23,7 @@ from in_context_sparse_attention import ISAConfig, editing_sparse_attention, ref
 from in_context_sparse_attention.backends import get_backend
 from in_context_sparse_attention.layout import BlockLayout
 from in_context_sparse_attention.residual import GatedShortcut
-from in_context_sparse_attention.tilelang_backend import compiled_kernel, sparse_kernel_inputs, unsupported_reason
+from in_context_sparse_attention.tilelang_backend import compiled_kernel, sparse_kernel_inputs
 from isa_testing import (
     assert_within_precision,
     check_written_rows, make_qkv, max_abs, plan_for, poisoned_output, relative_l2, run_sparse, slice_heads,
@@ -104,8 +104,9 @@ UNSUPPORTED = [
 
 @pytest.mark.parametrize("dim, dtype, config, message", UNSUPPORTED)
 def test_unsupported_inputs_have_a_clear_reason(dim, dtype, config, message):
-    assert re.search(message, unsupported_reason(dim, dtype, config.block_size))
-    assert unsupported_reason(128, torch.bfloat16, 64) is None
+    limits_reason = get_backend("tilelang").limits_reason
+    assert re.search(message, limits_reason(dim, dtype, config.block_size))
+    assert limits_reason(128, torch.bfloat16, 64) is None
 
 
 @pytest.mark.gpu
