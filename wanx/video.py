@@ -452,8 +452,9 @@ def read_video_resized(
     The header is checked first (`probe_video`: size and frame-rate limits), so an
     over-limit file is refused before anything is decoded. Each frame is resized and
     centre-cropped as soon as it is decoded, so memory holds the result plus one native
-    frame (and its float32 copies while it is resized). The result equals `preprocess_frames(read_video(path, max_frames, target_fps)[0],
-    size)` bit for bit (that function also resizes every frame independently).
+    frame (and its float32 copies while it is resized). The result equals
+    `preprocess_frames(read_video(path, max_frames, target_fps)[0], size)` bit for bit
+    (that function also resizes every frame independently).
 
     Args:
         path: the source video.
@@ -658,11 +659,10 @@ def _encode(path: str, frames: np.ndarray, fps: float, quality: float) -> None:
     count, height, width, _ = frames.shape
     rate = Fraction(float(fps)).limit_denominator()  # a rational keeps 24000/1001 exact
     crf = int((1 - quality / 10.0) * 51)
-    run = _Ffmpeg(["-y", "-v", "error", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}",
-                   "-pix_fmt", "rgb24", "-r", str(rate), "-i", "-", "-an", "-vcodec", "libx264",
-                   "-pix_fmt", "yuv420p", "-crf", str(crf), "-f", "mp4", _file_url(path)], path, stdin=True)
     sent = 0
-    with run:
+    with _Ffmpeg(["-y", "-v", "error", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}",
+                  "-pix_fmt", "rgb24", "-r", str(rate), "-i", "-", "-an", "-vcodec", "libx264",
+                  "-pix_fmt", "yuv420p", "-crf", str(crf), "-f", "mp4", _file_url(path)], path, stdin=True) as run:
         for frame in frames:
             try:
                 run.process.stdin.write(np.ascontiguousarray(frame).data)
