@@ -7,21 +7,27 @@
     python inference.py ... attention.backend=triton sampler.steps=16   # config overrides
 
 Errors are reported on one line (`inference.py: error: ...`) with exit status 2 for bad
-arguments or configuration and 1 for a failed run; no output file is left behind by a
-failed or interrupted (Ctrl-C, exit status 130) run.
+arguments, configuration or weight files (all found before any model loads) and 1 for a
+failed run. Outputs are published only when all of them are complete and verified; a
+failed or interrupted run (Ctrl-C: 130; SIGTERM or SIGHUP: 128 + the signal's number)
+leaves no output and no temporary file, and an existing output is replaced only by a
+complete new one. README's "Errors" section states the whole contract.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
+import unicodedata
 import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "inference.yaml")
 BACKENDS = ("tilelang", "triton", "torch", "dense")
+TRACEBACK_VARIABLE = "LIVEDITOR_TRACEBACK"
 
 
 class CliError(Exception):
@@ -81,10 +87,17 @@ def compare_path(output: str) -> str:
     return os.path.splitext(output)[0] + "_compare.mp4"
 
 
+def visible_text(text: str) -> str:
+    """`text` without whitespace, control and format characters (zero-width spaces, joiners, BOMs)."""
+    return "".join(ch for ch in text if not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf", "Zs"))
+
+
 def check_arguments(args) -> list[str]:
     """Validate what needs no loading; returns the output paths this run will write."""
-    if not args.prompt.strip():
-        raise CliError("the prompt is empty")
+    from wanx.outputs import OutputError, check_output_paths
+
+    if not visible_text(args.prompt):
+        raise CliError("the prompt is empty (it has no visible characters)")
     if args.backend is not None and args.backend not in BACKENDS:
         raise CliError(f"unknown backend {args.backend!r}: choose one of {', '.join(BACKENDS)}")
     if args.checkpoint is not None and not os.path.exists(args.checkpoint):
@@ -100,38 +113,50 @@ def check_arguments(args) -> list[str]:
     if not args.output:
         raise CliError("--output is required (unless --dry-run)")
     outputs = [args.output] + ([compare_path(args.output)] if args.compare else [])
-    for path in outputs:
-        if os.path.isdir(path):
-            raise CliError(f"output path is a directory: {path!r}")
-        if os.path.exists(path) and not args.overwrite:
-            raise CliError(f"output exists: {path!r} (pass --overwrite to replace it)")
-    if os.path.abspath(args.output) == os.path.abspath(args.input):
-        raise CliError("the output would overwrite the input")
+    try:
+        check_output_paths(outputs, args.input, args.overwrite)
+    except OutputError as exc:
+        raise CliError(str(exc)) from exc
     return outputs
+
+
+def check_weights(cfg) -> None:
+    """Every weight file present and, read from its header alone, of the right keys, shapes and dtypes."""
+    from wanx import components
+    from wanx.dit_loader import CheckpointError
+
+    problems = components.missing_weights(cfg)
+    if problems:
+        raise CliError("; ".join(problems))
+    try:
+        components.check_weight_files(cfg)
+    except CheckpointError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def run(args) -> int:
     """Plan, and unless --dry-run, load, edit and write; raises CliError on failure."""
-    outputs = check_arguments(args)
-    from wanx import pipeline
-    from wanx.video import VideoError, write_video
+    from wanx import components, pipeline, planning, report
+    from wanx.config import ConfigError, load_config, one_line
+    from wanx.dit_loader import CheckpointError
+    from wanx.outputs import OutputError, OutputSet
+    from wanx.video import VideoError, encode_video
 
+    outputs = check_arguments(args)
     try:
-        cfg = pipeline.load_config(args.config, list(args.overrides), flag_settings(args))
-    except pipeline.ConfigError as exc:
+        cfg = load_config(args.config, list(args.overrides), flag_settings(args))
+    except ConfigError as exc:
         raise CliError(str(exc)) from exc
     if not args.dry_run:
-        problems = pipeline.missing_weights(cfg)
-        if problems:
-            raise CliError("; ".join(problems))
+        check_weights(cfg)
     try:
         source = pipeline.read_source(cfg, args.input)
-    except VideoError as exc:
+        plan = planning.make_plan(cfg, source)
+    except (VideoError, ConfigError) as exc:
         raise CliError(str(exc)) from exc
-    plan = pipeline.make_plan(cfg, source)
-    print(pipeline.format_plan(plan), flush=True)
+    print(report.format_plan(plan), flush=True)
     if args.dry_run:
-        for role, path in pipeline.weight_paths(cfg).items():
+        for role, path in components.weight_paths(cfg).items():
             state = "not set" if path is None else ("found" if os.path.exists(path) else "MISSING")
             print(f"weights     model.{role}: {path} ({state})")
         print("dry run: nothing loaded, nothing written")
@@ -142,40 +167,71 @@ def run(args) -> int:
               "output is noise-like, not an edit.", flush=True)
     try:
         pipe = pipeline.EditingPipeline.load(cfg, progress=not args.quiet)
-    except (pipeline.ConfigError, FileNotFoundError) as exc:
+    except ConfigError as exc:
         raise CliError(str(exc)) from exc
-    result = pipe.edit(source, args.prompt, progress=not args.quiet)
+    except (CheckpointError, OSError) as exc:
+        raise CliError(f"cannot load the model: {one_line(exc)}", status=1) from exc
+    try:
+        result = pipe.edit(source, args.prompt, progress=not args.quiet)
+    except pipeline.NonFiniteError as exc:
+        raise CliError(str(exc), status=1) from exc
 
-    folder = os.path.dirname(os.path.abspath(args.output))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise CliError(f"cannot create the output folder {folder!r}: {exc.strerror}", status=1) from exc
     start = time.perf_counter()
-    written = []
+    videos = {args.output: result.video}
+    if args.compare:
+        videos[compare_path(args.output)] = pipeline.side_by_side(result.source, result.video)
     try:
-        write_video(args.output, result.video, fps=result.fps)
-        written.append(args.output)
-        if args.compare:
-            write_video(compare_path(args.output), pipeline.side_by_side(result.source, result.video),
-                        fps=result.fps)
-            written.append(compare_path(args.output))
-    except BaseException as exc:
-        for path in written:
-            os.remove(path)
-        if isinstance(exc, VideoError):
-            raise CliError(str(exc), status=1) from exc
-        raise
+        with OutputSet(outputs) as staged:
+            for path, frames in videos.items():
+                encode_video(staged.stage(path), frames, fps=result.fps)
+            staged.publish()
+    except (VideoError, OutputError) as exc:
+        raise CliError(f"{exc} (nothing was written)", status=1) from exc
+    except OSError as exc:
+        raise CliError(f"cannot write the output: {exc.strerror or exc} (nothing was written)", status=1) from exc
     result.timings["write"] = time.perf_counter() - start
-    print(pipeline.format_summary(result, outputs), flush=True)
+    print(report.format_summary(result, outputs), flush=True)
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind like Ctrl-C, so that every temporary file is removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, _frame):
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> None:
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _raise_terminated)
+
+
+def _unexpected(exc: BaseException) -> str:
+    """One line for an error no stage anticipated, with a pointer to the full traceback."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return ("the GPU ran out of memory; try a shorter clip (--max-frames), a smaller video.size, "
+                "video.vae_tiling=true, or --guidance 1.0 (no CFG batch); nothing was written")
+    text = " ".join(str(exc).split())
+    return (f"unexpected {type(exc).__name__}: {text[:300] or 'no message'} (nothing was written; "
+            f"set {TRACEBACK_VARIABLE}=1 for the traceback)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: returns the exit status (0 ok, 1 failed run, 2 bad input, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
+    """Entry point: returns the exit status (0 ok, 1 failed run, 2 bad input, 130 interrupted,
+    128 + N when stopped by signal N)."""
+    args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
+    _install_signal_handlers()
     try:
         return run(args)
     except CliError as exc:
@@ -184,6 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninference.py: interrupted: no output written", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"\ninference.py: stopped by {signal.Signals(exc.signum).name}: no output written", file=sys.stderr)
+        return 128 + exc.signum
+    except Exception as exc:
+        if os.environ.get(TRACEBACK_VARIABLE) == "1":
+            raise
+        print(f"inference.py: error: {_unexpected(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -201,16 +201,16 @@ def test_interrupt_while_writing_removes_what_was_written(tmp_path, monkeypatch,
     """Ctrl-C between the edit and the side-by-side file: neither stays."""
     import wanx.video
 
-    real_write = wanx.video.write_video
+    real_encode = wanx.video.encode_video
     calls = []
 
-    def write_then_interrupt(path, frames, fps=16):
+    def encode_then_interrupt(path, frames, fps=16):
         calls.append(path)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_write(path, frames, fps=fps)
+        return real_encode(path, frames, fps=fps)
 
-    monkeypatch.setattr(wanx.video, "write_video", write_then_interrupt)
+    monkeypatch.setattr(wanx.video, "encode_video", encode_then_interrupt)
     out = tmp_path / "out.mp4"
     status = inference.main(["--config", TINY, "--input", ASSET, "--prompt", "x", "--output", str(out),
                              "--compare", "--quiet", *QUICK])

@@ -99,7 +99,8 @@ def test_a_name_too_long_once_the_temporary_suffix_is_added(video, tmp_path):
 
 def test_a_folder_below_a_file(video, tmp_path):
     (tmp_path / "file").write_bytes(b"")
-    assert "is a file" in refusal([tmp_path / "file" / "sub" / "out.mp4"], video)
+    assert "is not a folder" in refusal([tmp_path / "file" / "sub" / "out.mp4"], video)
+    assert "is not a folder" in refusal([tmp_path / "file" / "out.mp4"], video)
 
 
 def test_a_folder_that_cannot_be_written(video):

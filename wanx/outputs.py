@@ -115,8 +115,6 @@ def check_output_paths(outputs: list[str], input_path: str, overwrite: bool) -> 
                 raise OutputError(f"output exists: {path!r} (pass --overwrite to replace it)")
         folder = os.path.dirname(os.path.abspath(path))
         ancestor = _existing_ancestor(folder)
-        if ancestor != folder and not os.path.isdir(ancestor):
-            raise OutputError(f"cannot create the folder of {label}: {ancestor!r} is a file")
         _probe_folder(ancestor, _temp_name_length(path), label)
 
 
