@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -92,6 +93,29 @@ class EditResult:
     timings: dict[str, float]  # seconds per stage
     backend: str  # the self-attention backend the DiT ran with
     dense_kernel: str  # the dense kernel behind "dense" and ISA's full-attention part
+    step_seconds: list[float] = field(default_factory=list)  # each denoising step, in order
+    peak_memory: dict[str, float] = field(default_factory=dict)  # GiB allocated at the peak of each stage (CUDA)
+
+
+class _StageClock:
+    """`with clock("name"):` records the stage's seconds in `timings` and, on CUDA, its peak
+    allocated memory (GiB) in `peaks`; the device is synchronised at the end so that the
+    seconds include the stage's queued kernels."""
+
+    def __init__(self, device: torch.device, timings: dict, peaks: dict):
+        self.device, self.timings, self.peaks = device, timings, peaks
+
+    @contextmanager
+    def __call__(self, name: str):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            self.peaks[name] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.timings[name] = time.perf_counter() - start
 
 
 def _progress(enabled: bool, **kwargs):
@@ -168,20 +192,20 @@ class EditingPipeline:
         negative_prompt = cfg.negative_prompt if negative_prompt is None else negative_prompt
         plan = make_plan(cfg, source)
         timings = {"load": self.load_seconds, "preprocess": source.seconds}  # preprocess: read and resize
+        peaks: dict[str, float] = {}
+        stage = _StageClock(self.device, timings, peaks)
         guidance = float(cfg.sampler.guidance)
         cfg_batch = plan.batch == 2
 
         video = source.video.unsqueeze(0)  # [1, 3, F, H, W]
-        start = time.perf_counter()
-        context = self._encode_text(prompt, negative_prompt, cfg_batch)
-        for features in context:
-            require_finite(features, "the text encoder's output")
-        timings["text"] = time.perf_counter() - start
+        with stage("text"):
+            context = self._encode_text(prompt, negative_prompt, cfg_batch)
+            for features in context:
+                require_finite(features, "the text encoder's output")
 
-        start = time.perf_counter()
-        source_latent = self.vae.encode(video).to(self.device)  # [1, 16, F', H/8, W/8] fp32
-        require_finite(source_latent, "the VAE's encoding of the source video")
-        timings["vae_encode"] = time.perf_counter() - start
+        with stage("vae_encode"):
+            source_latent = self.vae.encode(video).to(self.device)  # [1, 16, F', H/8, W/8] fp32
+            require_finite(source_latent, "the VAE's encoding of the source video")
 
         generator = torch.Generator(device=self.device).manual_seed(int(cfg.sampler.seed))
         noise = torch.randn((1, *plan.latent_shape), generator=generator, device=self.device, dtype=torch.float32)
@@ -199,37 +223,38 @@ class EditingPipeline:
             cond, uncond = flow.chunk(2)
             return uncond + guidance * (cond - uncond)
 
+        step_seconds: list[float] = []
+        step_start = [0.0]
+
         def step_done(_: int) -> None:
+            now = time.perf_counter()  # the finiteness check above synchronised the device
+            step_seconds.append(now - step_start[0])
+            step_start[0] = now
             steps_done[0] += 1
             bar.update()
 
-        start = time.perf_counter()
-        with _progress(progress, total=sampler.num_steps, desc="denoising", unit="step") as bar:
+        with stage("denoise"), _progress(progress, total=sampler.num_steps, desc="denoising", unit="step") as bar:
+            step_start[0] = time.perf_counter()
             latent = sampler.sample(velocity, noise, callback=step_done)
-        require_finite(latent, "the denoised latent")
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        timings["denoise"] = time.perf_counter() - start
+            require_finite(latent, "the denoised latent")
 
-        start = time.perf_counter()
-        with _progress(progress, total=None if cfg.video.vae_tiling else plan.latent_shape[1],
-                       desc="decoding", unit="frame") as bar:
+        with stage("vae_decode"), _progress(progress, total=None if cfg.video.vae_tiling else plan.latent_shape[1],
+                                            desc="decoding", unit="frame") as bar:
             hook = self._observe_decoder(bar)
             try:
                 decoded = self.vae.decode(latent)
             finally:
                 if hook is not None:
                     hook.remove()
-        require_finite(decoded, "the VAE's decoding of the edit")
-        edited = frames_to_uint8(decoded[0])
-        timings["vae_decode"] = time.perf_counter() - start
+            require_finite(decoded, "the VAE's decoding of the edit")
+            edited = frames_to_uint8(decoded[0])
 
         from in_context_sparse_attention import dense_kernel_name
 
         probe = torch.empty(1, 1, 1, plan.head_dim, device=self.device, dtype=DTYPES[cfg.model.dtype])
         return EditResult(video=edited, source=frames_to_uint8(video[0]), fps=source.fps, plan=plan,
                           timings=timings, backend=self.dit.attention_backend,
-                          dense_kernel=dense_kernel_name(probe))
+                          dense_kernel=dense_kernel_name(probe), step_seconds=step_seconds, peak_memory=peaks)
 
 
 class NonFiniteError(RuntimeError):
