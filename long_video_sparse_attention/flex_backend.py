@@ -51,7 +51,6 @@ def lvsa_block_mask(frame_mask: torch.Tensor, tokens_per_frame: int, parts: int 
     frame_mask = frame_mask.to(device if device is not None else frame_mask.device)
     structure = block_structure(frame_mask, tokens_per_frame, parts, BLOCK_SIZE)
     part_len = frame_mask.shape[0] * tokens_per_frame
-
     seq_len = structure.seq_len
 
     def frame_mask_mod(batch, head, q_idx, kv_idx):
