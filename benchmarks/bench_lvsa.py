@@ -21,8 +21,9 @@ For each clip length (161 and 321 video frames by default, i.e. 41 and 81 latent
     python benchmarks/bench_lvsa.py --frames 321 --heads 40 --warmup 100 --rep 500
     python benchmarks/bench_lvsa.py --smoke                # tiny sizes on the CPU, in seconds
 
---smoke runs FlexAttention eagerly (no compile), times with a wall clock and writes JSON
-only where --json says: it checks the script, not the speed.
+--smoke defaults to tiny sizes (options given still apply), runs FlexAttention eagerly (no
+compile), times with a wall clock and writes JSON only where --json says: it checks the
+script, not the speed.
 """
 from __future__ import annotations
 
@@ -287,8 +288,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, eager FlexAttention")
     args = parser.parse_args()
     if args.smoke:
-        for name, value in SMOKE.items():
-            setattr(args, name, value)
+        for name, value in SMOKE.items():  # tiny defaults; what the command line sets stays
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
         device = torch.device("cpu")
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     else:
@@ -296,6 +298,11 @@ def main() -> None:
             parser.error("needs a CUDA GPU (or --smoke for the CPU)")
         device = torch.device("cuda")
         args.json = args.json or str(REPOSITORY / "docs" / "bench_lvsa.json")
+    for frames in args.frames:
+        try:
+            latent_frames(frames)
+        except ValueError as error:
+            parser.error(str(error))
     dtype = getattr(torch, args.dtype)
     config = LVSAConfig()
 

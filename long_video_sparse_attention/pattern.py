@@ -24,12 +24,12 @@ import numbers
 import torch
 
 from .config import LVSAConfig
+from .layout import check_positive_int
 
 
 def check_num_frames(num_frames) -> None:
     """Raise a ValueError unless num_frames is a positive int."""
-    if not isinstance(num_frames, numbers.Integral) or isinstance(num_frames, bool) or num_frames < 1:
-        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+    check_positive_int("num_frames", num_frames)
 
 
 def check_step(step) -> None:
