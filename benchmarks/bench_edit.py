@@ -1,0 +1,191 @@
+"""Time a whole edit through the real pipeline code (`EditingPipeline`), stage by stage.
+
+    python benchmarks/bench_edit.py                      # GPU: 81 frames 960x544, full-size random weights
+    python benchmarks/bench_edit.py --steps 4            # shorter timing run, reported per step
+    python benchmarks/bench_edit.py --tiny               # CPU: the tiny model, dense and ISA "torch"
+
+Every component is built at its real size with random weights on the device
+(`model.kind: random`, no file read), once; then, for each attention method, the same source
+runs the pipeline's stages: read and resize, text encoding (prompt and negative prompt),
+VAE encode, N Flow-UniPC steps with CFG (a batch of 2 per step), VAE decode, and the mp4
+write (encode and verify). It records seconds and peak GPU memory per stage, every step's
+seconds, the dense kernel behind the method, the device, library versions and the GPU's
+clocks while denoising. A full 32-step edit's time is extrapolated from the measured steps
+when `--steps` is smaller; the JSON and the Markdown table say which numbers are which.
+The output video is noise: the weights are random.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "assets"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+FULL_STEPS = 32
+STAGES = ("preprocess", "text", "vae_encode", "denoise", "vae_decode", "write")
+
+
+def make_input(path: str, frames: int, height: int, width: int) -> None:
+    """The demo scene drawn at the benchmark's size (assets/make_demo_video.py)."""
+    from make_demo_video import draw_frame
+
+    from wanx.video import write_video
+
+    write_video(path, np.stack([draw_frame(k, frames, height, width) for k in range(frames)]), fps=16)
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "tilelang", "diffusers", "transformers"):
+        try:
+            found[name] = __import__(name).__version__
+        except Exception:  # a missing or broken optional package is reported, not fatal
+            found[name] = None
+    return found
+
+
+def run_method(pipe, source, method: str, isa, prompt: str, folder: str, monitor) -> dict:
+    """One edit with `method`; seconds and peak memory per stage."""
+    from wanx.video import encode_video
+
+    pipe.dit.set_attention(method, None if method == "dense" else isa)
+    if pipe.device.type == "cuda":
+        torch.cuda.empty_cache()
+    started = monitor.now() if monitor else None
+    result = pipe.edit(source, prompt, progress=False)
+    gpu_state = monitor.state_since(started) if monitor else None
+    start = time.perf_counter()
+    encode_video(os.path.join(folder, f"{method}.mp4"), result.video, fps=result.fps)
+    result.timings["write"] = time.perf_counter() - start
+    steps = result.step_seconds
+    steady = steps[1:] if len(steps) > 1 else steps
+    step_median = statistics.median(steady)
+    stages = {name: result.timings[name] for name in STAGES}
+    measured_total = sum(stages.values())
+    full_total = measured_total - stages["denoise"] + steps[0] + step_median * (FULL_STEPS - 1)
+    return {
+        "method": method, "dense_kernel": result.dense_kernel, "stages_s": stages,
+        "peak_memory_gib": result.peak_memory, "step_s": steps, "step_median_s": step_median,
+        "first_step_s": steps[0], "measured_total_s": measured_total,
+        "full_edit_s": full_total if len(steps) < FULL_STEPS else measured_total,
+        "full_edit_extrapolated": len(steps) < FULL_STEPS, "gpu_state_while_editing": gpu_state,
+        "video_shape": list(result.video.shape),
+    }
+
+
+def markdown(report: dict) -> str:
+    a = report["args"]
+    lines = [f"Whole edit, {a['frames']} frames {a['width']}x{a['height']}, {report['steps']} measured steps "
+             f"(CFG batch {report['batch']}), {report['device']}, {report['date']}.",
+             f"Command: `{report['command']}`", "",
+             "| method | dense kernel | read s | text s | VAE enc s | step s (median) | first step s | "
+             "VAE dec s | write s | 32-step edit s | peak GiB (denoise) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in report["results"]:
+        s = r["stages_s"]
+        star = "*" if r["full_edit_extrapolated"] else ""
+        peak = r["peak_memory_gib"].get("denoise")
+        lines.append(f"| {r['method']} | {r['dense_kernel']} | {s['preprocess']:.2f} | {s['text']:.2f} | "
+                     f"{s['vae_encode']:.2f} | {r['step_median_s']:.2f} | {r['first_step_s']:.2f} | "
+                     f"{s['vae_decode']:.2f} | {s['write']:.2f} | {r['full_edit_s']:.1f}{star} | "
+                     f"{'-' if peak is None else f'{peak:.1f}'} |")
+    lines += ["", f"Loading (building the random networks on the device): {report['load_s']:.1f} s, once.",
+              "\\* extrapolated: the measured stages, the first step, and the median of the later steps "
+              f"for the remaining {FULL_STEPS - 1} steps." if any(r["full_edit_extrapolated"]
+                                                                  for r in report["results"]) else ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", help="an mp4 to edit; default: the demo scene drawn at --frames/--height/--width")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=544)
+    parser.add_argument("--width", type=int, default=960)
+    parser.add_argument("--steps", type=int, default=FULL_STEPS, help="denoising steps actually run")
+    parser.add_argument("--methods", default="dense,triton,tilelang", help="comma-separated attention methods")
+    parser.add_argument("--prompt", default="turn the red ball into a tennis ball")
+    parser.add_argument("--tiny", action="store_true", help="the tiny CPU model (methods default to dense,torch)")
+    parser.add_argument("--json", default=None, help="output JSON (default docs/bench_edit.json, "
+                                                     "docs/bench_edit_tiny.json with --tiny)")
+    args = parser.parse_args(argv)
+    if args.tiny and args.methods == parser.get_default("methods"):
+        args.methods = "dense,torch"
+    if args.tiny and (args.frames, args.height, args.width) == (81, 544, 960):
+        args.frames, args.height, args.width = 9, 64, 96
+    json_path = args.json or os.path.join(ROOT, "docs", "bench_edit_tiny.json" if args.tiny else "bench_edit.json")
+
+    from wanx.config import isa_config, load_config
+    from wanx.pipeline import EditingPipeline, read_source
+
+    overrides = [f"sampler.steps={args.steps}", f"video.max_frames={args.frames}",
+                 f"video.size=[{args.height},{args.width}]"]
+    if args.tiny:
+        cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides + ["attention.backend=dense"])
+    else:
+        cfg = load_config(os.path.join(ROOT, "inference.yaml"), overrides + ["model.kind=random", "model.dit=null",
+                                                                            "model.tokenizer=null",
+                                                                            "attention.backend=dense"])
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    with tempfile.TemporaryDirectory() as folder:
+        path = args.input
+        if path is None:
+            path = os.path.join(folder, "input.mp4")
+            make_input(path, args.frames, args.height, args.width)
+        source = read_source(cfg, path)
+        print(f"input {path}: {source.video.shape[1]} frames at {source.video.shape[3]}x{source.video.shape[2]}",
+              flush=True)
+        pipe = EditingPipeline.load(cfg, progress=False)
+        isa = isa_config(cfg)
+        device = pipe.device
+        monitor = None
+        if device.type == "cuda":
+            from gpu_monitor import GpuMonitor
+
+            monitor = GpuMonitor(device.index or 0)
+            monitor.__enter__()
+        try:
+            results = []
+            for method in methods:
+                print(f"{method}: editing ({args.steps} steps)...", flush=True)
+                results.append(run_method(pipe, source, method, isa, args.prompt, folder, monitor))
+                r = results[-1]
+                print(f"{method}: step median {r['step_median_s']:.2f} s, stages "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_s"].items()), flush=True)
+        finally:
+            if monitor is not None:
+                monitor.__exit__(None, None, None)
+    report = {
+        "command": "python benchmarks/bench_edit.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+        "versions": versions(), "args": vars(args), "steps": args.steps, "batch": 2,
+        "load_s": pipe.load_seconds, "isa_config": dataclasses.asdict(isa),
+        "results": results,
+    }
+    with open(json_path, "w") as handle:
+        json.dump(report, handle, indent=1)
+    table = markdown(report)
+    with open(os.path.splitext(json_path)[0] + ".md", "w") as handle:
+        handle.write(table)
+    print(table)
+    print(f"wrote {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

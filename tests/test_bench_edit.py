@@ -1,0 +1,23 @@
+"""benchmarks/bench_edit.py --tiny runs the real pipeline on a CPU and records every stage."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_tiny_whole_edit_benchmark_writes_every_stage(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_edit.py"), "--tiny", "--steps", "3",
+                             "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert [r["method"] for r in report["results"]] == ["dense", "torch"]
+    for r in report["results"]:
+        assert set(r["stages_s"]) == {"preprocess", "text", "vae_encode", "denoise", "vae_decode", "write"}
+        assert all(seconds > 0 for seconds in r["stages_s"].values())
+        assert len(r["step_s"]) == 3 and r["full_edit_extrapolated"]
+        assert r["full_edit_s"] > r["measured_total_s"]  # 29 more steps extrapolated
+        assert r["video_shape"] == [9, 64, 96, 3]
+    assert (tmp_path / "bench.md").read_text().count("|") > 20
