@@ -1,4 +1,4 @@
-"""Flow-UniPC sampler with Wan 2.2's exact schedule (SPEC section 4, step 4).
+"""Flow-UniPC sampler with Wan 2.2's exact schedule (docs/pipeline.md, section 3, step 4).
 
 Wan samples its flow-matching models with a UniPC multistep solver (bh2, order 2,
 data prediction) on this schedule for N steps and shift s:

@@ -71,7 +71,7 @@ def test_dense_flops_formula():
 
 
 def test_isa_flops_match_spec_estimate():
-    """SPEC section 2: at S = 65,536, T = C, defaults, ISA needs about 3.3x fewer FLOPs."""
+    """docs/isa.md: at S = 65,536, T = C, defaults, ISA needs about 3.3x fewer FLOPs."""
     dense = attention_flops(65536, 32768, 40, 128, None)
     isa = attention_flops(65536, 32768, 40, 128, ISAConfig())
     assert 3.2 < dense / isa < 3.4

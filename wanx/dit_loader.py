@@ -1,6 +1,6 @@
 """Load the LIVEditor / Wan 2.2 DiT weights into `model.WanDiT`, shard by shard.
 
-Accepted checkpoints (SPEC section 4):
+Accepted checkpoints (docs/pipeline.md, section 2):
 - a Wan 2.2 expert folder: `config.json`, `diffusion_pytorch_model-*.safetensors` shards and
   their `diffusion_pytorch_model.safetensors.index.json` (or one unsharded safetensors);
 - a single `.safetensors` file;
@@ -49,7 +49,7 @@ WRAPPER_KEYS = ("state_dict", "module", "weights")
 KEY_PREFIXES = ("wanx_unimodel.guidance_model.feedforward_model.", "model_ema.", "model.", "module.")
 TORCH_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 # Carried by LIVEditor checkpoints because upstream's cross-attention class inherits the
-# self-attention constructor; unused, so dropped without a warning (SPEC section 3).
+# self-attention constructor; unused, so dropped without a warning (docs/pipeline.md, section 1).
 SILENTLY_DROPPED = re.compile(r"blocks\.\d+\.cross_attn\.alpha_[12]\.weight")
 # Zero-initialised and unused in the forward pass: zeros when a checkpoint lacks it.
 ZERO_WHEN_MISSING = re.compile(r"blocks\.\d+\.self_attn\.alpha_2\.weight")

@@ -1,4 +1,4 @@
-"""Video input/output and preprocessing for the editing pipeline (SPEC section 4, steps 1 and 5).
+"""Video input/output and preprocessing for the editing pipeline (docs/pipeline.md, section 3, steps 1 and 5).
 
 Reading and writing run the ffmpeg binary that imageio-ffmpeg ships, as a subprocess driven
 from here (not through imageio's reader and writer): so every run's exit status and error
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-# The 540p aspect buckets of SPEC section 4, as (height, width); each side is a multiple
+# The 540p aspect buckets of docs/pipeline.md, as (height, width); each side is a multiple
 # of 16 (VAE stride 8 times the DiT's spatial patch 2).
 BUCKETS_540P: tuple[tuple[int, int], ...] = (
     (960, 544),  # 9:16 portrait
