@@ -1,0 +1,219 @@
+"""PNG figures for the README from the committed benchmark JSON files.
+
+    python benchmarks/plot_benchmarks.py
+
+reads docs/benchmarks_attention.json (benchmarks/bench_attention.py) and writes
+docs/attention_vs_length.png: the median time of dense attention (cuDNN, and FlashAttention-3
+when it was measured) and of each ISA backend against the sequence length, log-log, with ISA's
+speed-up over dense FA3 (cuDNN when FA3 was not measured) written at each length.
+When docs/bench_edit.json (benchmarks/bench_edit.py) exists, it also writes
+docs/edit_stages.png: one horizontal bar per attention method, a whole 32-step edit split into
+its stages; the denoising part is extrapolated from the measured steps when the JSON says so.
+The figures depend only on the JSON: the PNGs carry no timestamp or software version.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIGSIZE = (8.0, 4.5)  # inches: readable at the README's width
+DPI = 110
+PNG_METADATA = {"Software": None}  # no matplotlib version in the file: same JSON, same bytes
+FULL_STEPS = 32  # bench_edit.FULL_STEPS: the steps of a whole edit
+DENSE_LABELS = {"sdpa_cudnn": "dense cuDNN", "flash_attn_3": "dense FA3"}  # bench_attention's dense baselines
+SPEEDUP_BASELINES = ("flash_attn_3", "sdpa_cudnn")  # the first one measured at every length is the reference
+STAGE_LABELS = {"preprocess": "read and resize", "text": "text encoder", "vae_encode": "VAE encode",
+                "denoise": "denoise", "vae_decode": "VAE decode", "write": "mp4 write"}
+STAGE_COLORS = {"preprocess": "#8c8c8c", "text": "#9467bd", "vae_encode": "#2ca02c", "denoise": "#1f77b4",
+                "vae_decode": "#98df8a", "write": "#ff7f0e"}
+METHOD_STYLES = {"sdpa_cudnn": ("#7f7f7f", "s", "--"), "flash_attn_3": ("#000000", "D", "--"),
+                 "triton": ("#d62728", "o", "-"), "tilelang": ("#1f77b4", "^", "-")}
+OTHER_STYLE = ("#2ca02c", "v", "-")
+
+
+def field(data, path: str, *keys):
+    """data[k0][k1]...; a ValueError naming `path` and the missing field when one is absent."""
+    value = data
+    for depth, key in enumerate(keys):
+        try:
+            value = value[key]
+        except (KeyError, IndexError, TypeError):
+            dotted = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys[: depth + 1]).lstrip(".")
+            raise ValueError(f"{path}: missing field '{dotted}'") from None
+    return value
+
+
+def load_json(path: str) -> dict:
+    """The parsed file; a ValueError naming it when it is not JSON."""
+    with open(path) as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+def attention_series(report: dict, path: str) -> dict:
+    """Sequence lengths, median ms per method, the speed-up reference and the ISA speed-ups from
+    a bench_attention report."""
+    rows = field(report, path, "results")
+    if not rows:
+        raise ValueError(f"{path}: 'results' is empty")
+    backends = field(report, path, "backends")
+    seq_lens = [field(report, path, "results", i, "seq_len") for i in range(len(rows))]
+    ms = {"sdpa_cudnn": [field(report, path, "results", i, "dense_ms", "sdpa_cudnn") for i in range(len(rows))]}
+    if all("flash_attn_3" in field(report, path, "results", i, "dense_ms") for i in range(len(rows))):
+        ms["flash_attn_3"] = [field(report, path, "results", i, "dense_ms", "flash_attn_3") for i in range(len(rows))]
+    dense = list(ms)
+    correct = {}
+    for name in backends:
+        ms[name] = [field(report, path, "results", i, "isa", name, "ms") for i in range(len(rows))]
+        correct[name] = all(field(report, path, "results", i, "isa", name, "correct") for i in range(len(rows)))
+    reference = next(name for name in SPEEDUP_BASELINES if name in dense)
+    speedups = {name: [d / s for d, s in zip(ms[reference], ms[name])] for name in backends if correct[name]}
+    return {"seq_lens": seq_lens, "dense": dense, "backends": backends, "ms": ms, "correct": correct,
+            "reference": reference, "speedups": speedups}
+
+
+def plot_attention(report: dict, path: str, out_path: str) -> None:
+    """docs/attention_vs_length.png: attention time against sequence length, log-log."""
+    series = attention_series(report, path)
+    device = field(report, path, "environment", "device")
+    date = str(field(report, path, "environment", "date"))[:10]
+    row = field(report, path, "results", 0)
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    for name in series["dense"] + series["backends"]:
+        color, marker, style = METHOD_STYLES.get(name, OTHER_STYLE)
+        label = DENSE_LABELS.get(name, f"ISA {name}")
+        if name in series["correct"] and not series["correct"][name]:
+            label += " (disagrees with the reference: no speed-up)"
+        ax.plot(series["seq_lens"], series["ms"][name], linestyle=style, marker=marker, color=color, label=label)
+    annotated = list(series["speedups"])
+    for i, seq in enumerate(series["seq_lens"]):
+        if not annotated:
+            break
+        lowest = min(series["ms"][name][i] for name in annotated)
+        text = " / ".join(f"{series['speedups'][name][i]:.2f}x" for name in annotated)
+        ax.annotate(text, (seq, lowest), xytext=(0, -14), textcoords="offset points", ha="center", va="top",
+                    fontsize=9, color="#333333")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(series["seq_lens"]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{int(x):,}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    low, high = min(series["seq_lens"]), max(series["seq_lens"])
+    ax.set_xlim(low / 1.25, high * 1.25)
+    bottom = min(min(values) for values in series["ms"].values())
+    ax.set_ylim(bottom=bottom / 2.2)
+    ax.set_xlabel("sequence length S (tokens; target T = source C = S/2)")
+    ax.set_ylabel("attention time (ms, median)")
+    ax.set_title(f"Attention forward, H={row.get('heads', '?')}, D={row.get('head_dim', '?')}, "
+                 f"{row.get('dtype', '?')}: {device}, {date}", fontsize=11)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    if annotated:
+        names = " / ".join(annotated)
+        fig.text(0.01, 0.01, f"Numbers under the points: speed-up of ISA ({names}) over "
+                             f"{DENSE_LABELS[series['reference']]} at that length.", fontsize=8, color="#333333")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(out_path, dpi=DPI, metadata=PNG_METADATA)
+    plt.close(fig)
+
+
+def edit_bars(report: dict, path: str) -> tuple[list[str], dict, list[float], str]:
+    """Per method: its label and the seconds of each stage of a whole edit, the denoising
+    stage extrapolated to FULL_STEPS when the JSON says so; the totals; the denoise legend label."""
+    rows = field(report, path, "results")
+    if not rows:
+        raise ValueError(f"{path}: 'results' is empty")
+    steps = field(report, path, "steps")
+    methods, seconds, totals = [], {stage: [] for stage in STAGE_LABELS}, []
+    extrapolated = False
+    for i in range(len(rows)):
+        method = field(report, path, "results", i, "method")
+        methods.append(method if method == "dense" else f"ISA {method}")
+        stages = {stage: field(report, path, "results", i, "stages_s", stage) for stage in STAGE_LABELS}
+        if field(report, path, "results", i, "full_edit_extrapolated"):
+            extrapolated = True
+            first = field(report, path, "results", i, "first_step_s")
+            median = field(report, path, "results", i, "step_median_s")
+            stages["denoise"] = first + (FULL_STEPS - 1) * median
+        for stage, value in stages.items():
+            seconds[stage].append(value)
+        totals.append(sum(stages.values()))
+    if extrapolated:
+        denoise_label = f"denoise, {FULL_STEPS} steps (extrapolated from {steps})"
+    else:
+        denoise_label = f"denoise, {steps} steps"
+    return methods, seconds, totals, denoise_label
+
+
+def plot_edit(report: dict, path: str, out_path: str) -> None:
+    """docs/edit_stages.png: a whole edit's seconds per stage, one horizontal bar per method."""
+    methods, seconds, totals, denoise_label = edit_bars(report, path)
+    args = field(report, path, "args")
+    device = field(report, path, "device")
+    date = str(field(report, path, "date"))[:10]
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    positions = list(range(len(methods)))[::-1]  # the first method on top
+    left = [0.0] * len(methods)
+    for stage, label in STAGE_LABELS.items():
+        widths = seconds[stage]
+        ax.barh(positions, widths, left=left, height=0.6, color=STAGE_COLORS[stage],
+                label=denoise_label if stage == "denoise" else label)
+        for y, x0, width in zip(positions, left, widths):
+            if width >= 0.08 * max(totals):
+                ax.text(x0 + width / 2, y, f"{width:.0f} s", ha="center", va="center", fontsize=9, color="white")
+        left = [x + w for x, w in zip(left, widths)]
+    for y, total in zip(positions, totals):
+        ax.text(total, y, f" {total:.0f} s", ha="left", va="center", fontsize=9)
+    ax.set_yticks(positions, methods)
+    ax.set_xlim(0, max(totals) * 1.12)
+    ax.set_xlabel(f"seconds for a whole {FULL_STEPS}-step edit")
+    shape = f"{args.get('frames', '?')} frames {args.get('width', '?')}x{args.get('height', '?')}"
+    ax.set_title(f"Whole edit by attention method, {shape}: {device}, {date}", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=9, frameon=False)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=DPI, metadata=PNG_METADATA)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the figures; a one-line SystemExit naming the file when a JSON file is unreadable or
+    lacks a field the figure needs."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attention-json", default=os.path.join(ROOT, "docs", "benchmarks_attention.json"))
+    parser.add_argument("--edit-json", default=os.path.join(ROOT, "docs", "bench_edit.json"))
+    parser.add_argument("--out-dir", default=os.path.join(ROOT, "docs"))
+    args = parser.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        attention_png = os.path.join(args.out_dir, "attention_vs_length.png")
+        plot_attention(load_json(args.attention_json), args.attention_json, attention_png)
+        print(f"wrote {attention_png}")
+        if os.path.exists(args.edit_json):
+            edit_png = os.path.join(args.out_dir, "edit_stages.png")
+            plot_edit(load_json(args.edit_json), args.edit_json, edit_png)
+            print(f"wrote {edit_png}")
+        else:
+            print(f"{args.edit_json} not found: skipping the edit stages figure (run benchmarks/bench_edit.py)")
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""benchmarks/plot_benchmarks.py draws both README figures from benchmark JSON files and names
+the file when one lacks a field."""
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import plot_benchmarks  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ATTENTION_JSON = os.path.join(ROOT, "docs", "benchmarks_attention.json")
+STAGES = ("preprocess", "text", "vae_encode", "denoise", "vae_decode", "write")
+
+
+def edit_report(steps: int = 4) -> dict:
+    """A bench_edit.py report with made-up seconds: dense, triton and tilelang, `steps` steps run."""
+    results = []
+    for method, step in (("dense", 40.0), ("triton", 18.0), ("tilelang", 18.5)):
+        step_s = [step + 3.0] + [step] * (steps - 1)
+        stages = {"preprocess": 1.2, "text": 3.5, "vae_encode": 12.0, "denoise": sum(step_s), "vae_decode": 25.0,
+                  "write": 2.0}
+        measured = sum(stages.values())
+        full = measured - stages["denoise"] + step_s[0] + step * 31
+        results.append({"method": method, "dense_kernel": "FlashAttention-3", "stages_s": stages, "step_s": step_s,
+                        "step_median_s": step, "first_step_s": step_s[0], "measured_total_s": measured,
+                        "full_edit_s": full, "full_edit_extrapolated": steps < 32})
+    return {"command": "python benchmarks/bench_edit.py --steps 4", "date": "2026-11-23 10:00 UTC",
+            "device": "NVIDIA H100 80GB HBM3", "args": {"frames": 81, "height": 544, "width": 960, "steps": steps},
+            "steps": steps, "batch": 2, "load_s": 30.0, "results": results}
+
+
+def assert_png(path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 20_000  # axes, lines, text: far more than an empty canvas
+
+
+def test_writes_both_figures(tmp_path, capsys):
+    edit_json = tmp_path / "bench_edit.json"
+    edit_json.write_text(json.dumps(edit_report()))
+    out = tmp_path / "figures"
+    assert plot_benchmarks.main(["--attention-json", ATTENTION_JSON, "--edit-json", str(edit_json),
+                                 "--out-dir", str(out)]) == 0
+    assert_png(out / "attention_vs_length.png")
+    assert_png(out / "edit_stages.png")
+    assert "edit_stages.png" in capsys.readouterr().out
+
+
+def test_edit_denoise_is_extrapolated_to_32_steps():
+    report = edit_report(steps=4)
+    methods, seconds, totals, label = plot_benchmarks.edit_bars(report, "bench_edit.json")
+    assert methods == ["dense", "ISA triton", "ISA tilelang"]
+    assert label == "denoise, 32 steps (extrapolated from 4)"
+    for i, result in enumerate(report["results"]):
+        assert seconds["denoise"][i] == pytest.approx(result["first_step_s"] + 31 * result["step_median_s"])
+        assert totals[i] == pytest.approx(result["full_edit_s"])
+
+
+def test_same_json_gives_the_same_bytes(tmp_path):
+    outputs = []
+    for name in ("a", "b"):
+        plot_benchmarks.main(["--attention-json", ATTENTION_JSON, "--edit-json", str(tmp_path / "absent.json"),
+                              "--out-dir", str(tmp_path / name)])
+        outputs.append((tmp_path / name / "attention_vs_length.png").read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_missing_edit_json_skips_that_figure(tmp_path, capsys):
+    plot_benchmarks.main(["--attention-json", ATTENTION_JSON, "--edit-json", str(tmp_path / "absent.json"),
+                          "--out-dir", str(tmp_path)])
+    assert_png(tmp_path / "attention_vs_length.png")
+    assert not (tmp_path / "edit_stages.png").exists()
+    assert "skipping" in capsys.readouterr().out
+
+
+def test_missing_field_is_one_line_naming_the_file(tmp_path):
+    with open(ATTENTION_JSON) as handle:
+        attention = json.load(handle)
+    del attention["results"][1]["isa"]["triton"]["ms"]
+    broken = tmp_path / "broken_attention.json"
+    broken.write_text(json.dumps(attention))
+    with pytest.raises(SystemExit) as error:
+        plot_benchmarks.main(["--attention-json", str(broken), "--out-dir", str(tmp_path)])
+    message = str(error.value.code)
+    assert str(broken) in message and "results[1].isa.triton.ms" in message and "\n" not in message
+
+    edit = edit_report()
+    del edit["results"][0]["stages_s"]["vae_decode"]
+    broken_edit = tmp_path / "broken_edit.json"
+    broken_edit.write_text(json.dumps(edit))
+    with pytest.raises(SystemExit) as error:
+        plot_benchmarks.main(["--attention-json", ATTENTION_JSON, "--edit-json", str(broken_edit),
+                              "--out-dir", str(tmp_path)])
+    message = str(error.value.code)
+    assert str(broken_edit) in message and "results[0].stages_s.vae_decode" in message and "\n" not in message
