@@ -94,7 +94,8 @@ def rope_frequencies(grids: Sequence[Sequence[int]], head_dim: int, device=None)
             inv_freq = 1.0 / torch.pow(
                 ROPE_THETA, torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim
             )
-            axis_angles = torch.outer(torch.arange(size, dtype=torch.float64, device=device), inv_freq)  # [n, axis_dim/2]
+            positions = torch.arange(size, dtype=torch.float64, device=device)
+            axis_angles = torch.outer(positions, inv_freq)  # [n, axis_dim/2]
             view = [1, 1, 1, axis_dim // 2]
             view[axis] = size
             angles.append(axis_angles.view(view).expand(*grid, axis_dim // 2))
@@ -284,13 +285,15 @@ class WanAttentionBlock(nn.Module):
             [B, S, dim] fp32.
         """
         # modulation in fp32: shift/scale/gate for attention, then for the FFN, each [B, 1, dim]
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float().unsqueeze(0) + time_mod).unbind(2)
+        modulation = self.modulation.float().unsqueeze(0) + time_mod
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = modulation.unbind(2)
         # LayerNorm, modulation (shift + norm * (1 + scale)) in fp32 and the cast to the matmul
         # dtype are one pass; each residual update x + float(y) * gate is another (fp32)
         dtype = self.ffn[0].weight.dtype
         y = self.self_attn(self.norm1(x, shift_sa, scale_sa, dtype), freqs, layout)
         x = fused_ops.gated_residual(x, y, gate_sa)
-        x = fused_ops.gated_residual(x, self.cross_attn(self.norm3(x, dtype=dtype) if self.cross_attn_norm else x, context))
+        x = fused_ops.gated_residual(
+            x, self.cross_attn(self.norm3(x, dtype=dtype) if self.cross_attn_norm else x, context))
         y = self.ffn(self.norm2(x, shift_ff, scale_ff, dtype))
         return fused_ops.gated_residual(x, y, gate_ff)
 
@@ -468,7 +471,8 @@ class WanDiT(ModelMixin, ConfigMixin):
         if t.numel() == 1:
             t = t.expand(batch)
         if t.numel() != batch:
-            raise ValueError(f"timestep must be a scalar or have B = {batch} entries, got shape {tuple(torch.as_tensor(timestep).shape)}")
+            raise ValueError(f"timestep must be a scalar or have B = {batch} entries, "
+                             f"got shape {tuple(torch.as_tensor(timestep).shape)}")
         emb = sinusoidal_embedding(self.config.freq_dim, t).float()
         for layer in self.time_embedding:
             emb = _fp32_linear(layer, emb) if isinstance(layer, nn.Linear) else layer(emb)

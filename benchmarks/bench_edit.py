@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "python benchmarks/bench_edit.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"),
         "versions": versions(), "args": vars(args), "steps": args.steps, "batch": 2,
         "load_s": pipe.load_seconds, "isa_config": dataclasses.asdict(isa),
         "results": results,

@@ -4,8 +4,14 @@ import torch
 
 from in_context_sparse_attention import ISAConfig, dense_attention
 from model import WanDiT
-from wanx.attention import (ISAAttention, SelfAttentionMethod, TokenLayout, attention_names, make_attention,
-                            register_attention)
+from wanx.attention import (
+    ISAAttention,
+    SelfAttentionMethod,
+    TokenLayout,
+    attention_names,
+    make_attention,
+    register_attention,
+)
 
 
 class ScaledDense(SelfAttentionMethod):

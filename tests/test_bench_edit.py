@@ -9,8 +9,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_tiny_whole_edit_benchmark_writes_every_stage(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_edit.py"), "--tiny", "--steps", "3",
-                             "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    script = os.path.join(ROOT, "benchmarks", "bench_edit.py")
+    result = subprocess.run([sys.executable, script, "--tiny", "--steps", "3", "--json", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert [r["method"] for r in report["results"]] == ["dense", "torch"]

@@ -28,13 +28,15 @@ from model import WanDiT, rope_frequencies
 from wanx import fused_ops
 
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not fused_ops.kernels_interpreted(), reason="runs in the interpreter subprocess")),
+    pytest.param("cpu", marks=pytest.mark.skipif(not fused_ops.kernels_interpreted(),
+                                                 reason="runs in the interpreter subprocess")),
     pytest.param("cuda", marks=pytest.mark.gpu),
 ]
 FP32_EPS = torch.finfo(torch.float32).eps
 
 
-@pytest.mark.skipif(fused_ops.kernels_interpreted() or torch.cuda.is_available(), reason="this is the subprocess, or a GPU is here")
+@pytest.mark.skipif(fused_ops.kernels_interpreted() or torch.cuda.is_available(),
+                    reason="this is the subprocess, or a GPU is here")
 def test_kernels_on_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = Path(__file__).resolve().parents[1]
@@ -73,7 +75,8 @@ def assert_fp32_as_good_as_torch(out: torch.Tensor, torch_out: torch.Tensor, exa
     return bound.item()
 
 
-def assert_bf16_rounds_the_exact_value(out: torch.Tensor, torch_out: torch.Tensor, exact: torch.Tensor, bound: float) -> None:
+def assert_bf16_rounds_the_exact_value(out: torch.Tensor, torch_out: torch.Tensor, exact: torch.Tensor,
+                                       bound: float) -> None:
     """bf16 `out` within half a bf16 ulp (at |exact| + bound) plus `bound` of `exact`, and equal
     to PyTorch's bf16 output on at least 99% of the elements."""
     _, exponent = torch.frexp(exact.abs() + bound)
@@ -163,7 +166,8 @@ def test_gated_residual_is_bit_identical(device, y_dtype, gated):
 def test_bf16_cast_keeps_specials(device):
     x = torch.tensor([[[float("nan"), float("inf"), -float("inf"), 3.3e38, -0.0, 1.00390625, 1.01171875]]])
     out = fused_ops.layer_norm_modulate_triton(
-        torch.zeros_like(x).to(device), 1e-6, shift=x.to(device), scale=torch.zeros_like(x).to(device), dtype=torch.bfloat16
+        torch.zeros_like(x).to(device), 1e-6, shift=x.to(device), scale=torch.zeros_like(x).to(device),
+        dtype=torch.bfloat16,
     )
     assert torch.equal(out.cpu().isnan(), x.isnan())
     assert torch.equal(out.cpu()[~x.isnan()], x.bfloat16()[~x.isnan()])

@@ -57,11 +57,11 @@ def test_dry_run_subprocess_prints_plan_and_writes_nothing(tmp_path):
 
 def test_dry_run_loads_nothing(tmp_path, monkeypatch, capsys):
     """The real config, with weight files present: not one loader or tensor reader runs."""
-    import safetensors
-    import torch
     # Libraries bind `from safetensors import safe_open` when first imported: import them
     # before the patch below, so that no later test inherits the refusing stand-in.
     import diffusers.models.model_loading_utils  # noqa: F401
+    import safetensors
+    import torch
     import transformers.modeling_utils  # noqa: F401
 
     from model import WanDiT

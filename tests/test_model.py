@@ -103,7 +103,8 @@ def test_reads_wan_config_json(tmp_path):
     config = WanDiT.load_config(str(tmp_path))
     with torch.device("meta"):
         model = WanDiT.from_config(config)
-    assert (model.config.dim, model.config.num_layers, model.config.num_heads, model.config.ffn_dim) == (5120, 40, 40, 13824)
+    c = model.config
+    assert (c.dim, c.num_layers, c.num_heads, c.ffn_dim) == (5120, 40, 40, 13824)
     assert tuple(model.config.patch_size) == (1, 2, 2) and model.config.text_dim == 4096
     with pytest.raises(ValueError, match="t2v"), torch.device("meta"):
         WanDiT.from_config({**WAN_A14B_CONFIG, "model_type": "i2v", "in_dim": 36})
@@ -207,7 +208,8 @@ def test_rope_split_and_angles(head_dim, split):
         angles = []
         for p, d in zip(pos, split):
             angles += [p * 10000.0 ** (-2 * j / d) for j in range(d // 2)]
-        expected = torch.polar(torch.ones(head_dim // 2, dtype=torch.float64), torch.tensor(angles, dtype=torch.float64))
+        expected = torch.polar(torch.ones(head_dim // 2, dtype=torch.float64),
+                               torch.tensor(angles, dtype=torch.float64))
         torch.testing.assert_close(freqs[token], expected, rtol=0, atol=1e-12)
 
 
@@ -323,7 +325,8 @@ def cuda_isa_backends():
 def test_gpu_bf16_isa_kernels_match_dense_and_torch_reference():
     """head_dim 128 (the 14B model's) on CUDA in bf16, for every ISA kernel that imports here."""
     model = WanDiT.tiny(dim=256, num_heads=2, ffn_dim=256).to("cuda", torch.bfloat16)
-    latent, source, timestep, context = (x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs(batch=2, frames=3, size=32))
+    latent, source, timestep, context = (x.cuda() if isinstance(x, torch.Tensor) else x
+                                         for x in inputs(batch=2, frames=3, size=32))
     context = [c.cuda() for c in context]
     dense = model(latent, source, timestep, context)
     config = ISAConfig(block_size=64)
@@ -335,7 +338,8 @@ def test_gpu_bf16_isa_kernels_match_dense_and_torch_reference():
         model.set_attention(backend, config)
         out = model(latent, source, timestep, context)
         assert torch.isfinite(out).all()
-        assert (out - reference).norm() <= 0.05 * reference.norm(), backend  # bf16 kernels vs the fp32 reference, through selection
+        # bf16 kernels against the fp32 reference, through selection
+        assert (out - reference).norm() <= 0.05 * reference.norm(), backend
         model.set_attention(backend, ISAConfig(select_ratio=1.0, flat_ratio=1.0))
         gate = [b.self_attn.alpha_1.weight.clone() for b in model.blocks]
         for b in model.blocks:

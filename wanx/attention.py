@@ -11,7 +11,8 @@ It returns [B, S, H, D] in q's dtype. `model.py` reaches attention through this 
 ISA's kernel backends are imported when a method that uses one is made.
 
 Registered here: "dense" (every token to every token: FlashAttention-3 > FlashAttention-2 >
-PyTorch SDPA) and one ISA method per ISA backend ("torch", "triton", "tilelang").
+PyTorch SDPA), one ISA method per ISA backend ("torch", "triton", "tilelang") and "lvsa"
+(Long-Video Sparse Attention, a frame-level pattern for clips longer than the training length).
 """
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ import torch
 
 from in_context_sparse_attention import BACKEND_NAMES, ISAConfig, dense_attention, editing_sparse_attention
 from in_context_sparse_attention.backends import get_backend
+from long_video_sparse_attention import BACKEND_NAMES as LVSA_BACKEND_NAMES
+from long_video_sparse_attention import LVSAConfig, lvsa_attention
+
+LVSA_KERNELS = ("auto", *LVSA_BACKEND_NAMES)  # "auto": FlexAttention on CUDA, the PyTorch reference elsewhere
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,72 @@ class ISAAttention(SelfAttentionMethod):
         return f"ISA backend {self.name!r}, {self.config}"
 
 
+@dataclass(frozen=True)
+class LVSAOptions:
+    """Options of the "lvsa" method: the pattern's hyper-parameters and the kernel that computes it.
+
+    Attributes:
+        config: the `LVSAConfig` (window, anchors, keyframe interval, rotation).
+        kernel: "flex" (FlexAttention), "torch" (the PyTorch reference, which builds the
+            [S, S] mask: small sequences only) or "auto" (flex on CUDA, torch elsewhere).
+    """
+
+    config: LVSAConfig = LVSAConfig()
+    kernel: str = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.config, LVSAConfig):
+            raise TypeError(f"LVSAOptions.config must be an LVSAConfig, got {type(self.config).__name__}")
+        if self.kernel not in LVSA_KERNELS:
+            raise ValueError(f"the LVSA kernel must be one of {', '.join(map(repr, LVSA_KERNELS))}, "
+                             f"got {self.kernel!r}")
+
+
+def lvsa_kernel(kernel: str, device: torch.device) -> str:
+    """The LVSA kernel that runs on `device`: `kernel` itself unless it is "auto"."""
+    if kernel != "auto":
+        return kernel
+    return "flex" if device.type == "cuda" else "torch"
+
+
+class LVSAAttention(SelfAttentionMethod):
+    """Long-Video Sparse Attention: each latent frame's tokens (target and source) attend to
+    the tokens of a few anchor frames and of a local window of frames; the anchors move
+    with the denoising step (`layout.step`, None counting as step 0). Exactly dense for clips
+    of at most `config.reference_frames * config.sparsity_scale` latent frames. The gate is
+    not used: LVSA has no residual branch.
+    """
+
+    name = "lvsa"
+
+    def __init__(self, options=None):
+        if options is None:
+            options = LVSAOptions()
+        elif isinstance(options, LVSAConfig):
+            options = LVSAOptions(config=options)
+        elif not isinstance(options, LVSAOptions):
+            raise TypeError(f"'lvsa' options must be an LVSAConfig or an LVSAOptions, got {type(options).__name__}")
+        self.config = options.config
+        self.kernel = options.kernel
+
+    def __call__(self, q, k, v, layout, gate=None):
+        grid = layout.grids[0]
+        if any(other != grid for other in layout.grids[1:]):
+            raise ValueError(f"'lvsa' needs the target and the source on one token grid (frames, height, width), "
+                             f"got {', '.join(map(str, layout.grids))}")
+        frames, height, width = grid
+        if layout.target_len != frames * height * width:
+            raise ValueError(f"'lvsa' needs target_len = frames * height * width of the target grid {grid}, "
+                             f"got {layout.target_len}")
+        step = 0 if layout.step is None else layout.step
+        return lvsa_attention(q, k, v, num_frames=frames, tokens_per_frame=height * width, step=step,
+                              config=self.config, backend=lvsa_kernel(self.kernel, q.device),
+                              parts=len(layout.grids))
+
+    def describe(self) -> str:
+        return f"LVSA, kernel {self.kernel!r}, {self.config}"
+
+
 _FACTORIES: dict[str, Callable[..., SelfAttentionMethod]] = {}
 
 
@@ -114,7 +185,8 @@ def attention_names() -> tuple[str, ...]:
 
 
 def make_attention(name: str, options=None) -> SelfAttentionMethod:
-    """The method registered as `name`, built with its options (e.g. an ISAConfig, or None for defaults).
+    """The method registered as `name`, built with its options (an ISAConfig for the ISA backends, an
+    LVSAConfig or LVSAOptions for "lvsa", None for the defaults).
 
     Raises:
         ValueError: an unknown name, or options the method refuses.
@@ -128,6 +200,7 @@ def _register_builtin_methods() -> None:
     register_attention("dense", DenseAttention)
     for backend in BACKEND_NAMES:
         register_attention(backend, lambda options, backend=backend: ISAAttention(backend, options))
+    register_attention("lvsa", LVSAAttention)
 
 
 _register_builtin_methods()

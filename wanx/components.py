@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .config import ConfigError, isa_config, one_line
+from .config import ConfigError, attention_options, one_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,22 +93,24 @@ def check_weight_files(cfg) -> None:
 
 
 def check_backend(cfg, device: torch.device) -> None:
-    """Run the configured attention backend once on a small input on `device`, before any loading.
+    """Build the configured attention method and run it once on a small input on `device`, before any loading.
+
+    The input: a target and a source of two frames of `attention.block_size` tokens each.
 
     Raises:
-        ConfigError: the backend cannot be imported or cannot run on this device, with its reason.
+        ConfigError: the method cannot be imported or cannot run on this device, with its reason.
     """
-    from in_context_sparse_attention import dense_attention, editing_sparse_attention
+    from .attention import TokenLayout, make_attention
 
     backend = cfg.attention.backend
     dtype = DTYPES[cfg.model.dtype] if device.type == "cuda" else torch.float32
-    q = torch.randn(1, 3 * cfg.attention.block_size, 2, 64, device=device, dtype=dtype)
+    grid = (2, 1, cfg.attention.block_size)
+    layout = TokenLayout(target_len=2 * cfg.attention.block_size, grids=(grid, grid), step=0)
+    q = torch.randn(1, layout.seq_len, 2, 64, device=device, dtype=dtype)
     try:
-        if backend == "dense":
-            dense_attention(q, q, q)
-        else:
-            editing_sparse_attention(q, q, q, cfg.attention.block_size, 2 * cfg.attention.block_size,
-                                     config=isa_config(cfg), backend=backend)
+        method = make_attention(backend, attention_options(cfg))
+        gate = torch.zeros(1, layout.seq_len, 1, 1, device=device) if method.uses_gate else None
+        method(q, q, q, layout, gate=gate)
     except (ImportError, RuntimeError, ValueError, TypeError) as exc:
         raise ConfigError(f"attention backend {backend!r} cannot run on {device}: {one_line(exc)}") from exc
 
@@ -184,6 +186,5 @@ def load_components(cfg, on_component=lambda name: None, on_loaded=lambda: None)
     if dit.config.text_dim != text_encoder.dim:
         raise ConfigError(f"the DiT expects {dit.config.text_dim}-dim text features, the text encoder gives "
                           f"{text_encoder.dim}")
-    backend = cfg.attention.backend
-    dit.set_attention(backend, None if backend == "dense" else isa_config(cfg))
+    dit.set_attention(cfg.attention.backend, attention_options(cfg))
     return text_encoder, vae, dit, device

@@ -49,7 +49,8 @@ def _use_kernel(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
 
 def _check_device(x: torch.Tensor) -> None:
     if x.device.type == "cpu" and not _INTERPRETED:
-        raise ValueError("the fused kernels need CUDA tensors, or TRITON_INTERPRET=1 set before wanx.fused_ops is imported")
+        raise ValueError("the fused kernels need CUDA tensors, "
+                         "or TRITON_INTERPRET=1 set before wanx.fused_ops is imported")
 
 
 def _row_warps(block: int) -> int:
@@ -134,7 +135,9 @@ def _layer_norm_modulate_kernel(
     b_var = tl.sum(b_centred * b_centred, axis=0) / n_cols
     b_y = b_centred * (1.0 / tl.sqrt_rn(b_var + eps))
     if HAS_AFFINE:
-        b_y = b_y * tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32) + tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+        b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)  # [BLOCK_C]
+        b_b = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)  # [BLOCK_C]
+        b_y = b_y * b_w + b_b
     if HAS_MODULATION:
         o_mod = (row // seq) * n_cols + o_c
         b_shift = tl.load(shift_ptr + o_mod, mask=m_c, other=0.0)
@@ -144,7 +147,8 @@ def _layer_norm_modulate_kernel(
 
 
 @triton.jit
-def _gated_residual_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, seq, n_cols, HAS_GATE: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gated_residual_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, seq, n_cols,
+                           HAS_GATE: tl.constexpr, BLOCK_C: tl.constexpr):
     """One row per program: out = x + float(y) [* gate[row // seq]], fp32."""
     row = tl.program_id(0).to(tl.int64)
     o_c = tl.arange(0, BLOCK_C)
