@@ -41,8 +41,9 @@ def pool_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     batch, seq, heads, dim = x.shape
     out = torch.empty(batch, heads, layout.num_blocks, dim, dtype=torch.float32, device=x.device)
     _kernels().pool_blocks_kernel[(batch * heads, layout.num_blocks)](
-        x, out, seq, heads, layout.num_blocks, *x.stride(), BLOCK=layout.block_size, HEAD_DIM=dim,
-        num_warps=COPY_WARPS,
+        x_ptr=x, out_ptr=out, seq_len=seq, heads=heads, num_blocks=layout.num_blocks,
+        stride_xb=x.stride(0), stride_xs=x.stride(1), stride_xh=x.stride(2), stride_xd=x.stride(3),
+        BLOCK=layout.block_size, HEAD_DIM=dim, num_warps=COPY_WARPS,
     )
     return out
 
@@ -118,10 +119,10 @@ def sparse_block_attention(
     taylor_keys = torch.gather(plan.key_means, 2, per_block).to(operand_dtype)  # [B, H, NKV, D]
     taylor_values = torch.gather(plan.value_sums, 2, per_block).to(operand_dtype)  # [B, H, NKV, D]
     taylor_counts = plan.block_counts[plan.kv_blocks].to(torch.float32)  # [B, H, NKV]
-    taylor_descriptors = [
+    taylor_keys_desc, taylor_values_desc = (
         TensorDescriptor(x, shape=[batch * heads, num_kv, dim], strides=[num_kv * dim, dim, 1], block_shape=[1, TAYLOR_TILE, dim])
         for x in (taylor_keys, taylor_values)
-    ]
+    )
     kernels = _kernels()
     if q.device.type != "cuda":
         kernel, tiles = kernels.sparse_block_attention_kernel, INTERPRETER_SPARSE_TILES
@@ -129,15 +130,20 @@ def sparse_block_attention(
         kernel, tiles = kernels.sparse_block_attention_kernel_tuned, {}
     else:
         kernel = kernels.sparse_block_attention_kernel
-    shortcut, gate = (residual.shortcut, residual.gate) if residual is not None else (taylor_counts, taylor_counts)
+    q_desc, k_desc, v_desc = (_token_descriptor(x, layout.block_size) for x in (q, k, v))
     return kernel[(num_sparse, batch * heads)](
-        *(_token_descriptor(x, layout.block_size) for x in (q, k, v)), out_padded,
-        *taylor_descriptors, taylor_counts,
-        plan.sparse_query_blocks.to(torch.int32).contiguous(), exact_positions, exact_blocks, shortcut, gate,
-        seq, heads, layout.num_blocks, num_kv, num_sparse, num_exact, _LOG2_E / math.sqrt(dim), *out_padded.stride(),
+        q_desc=q_desc, k_desc=k_desc, v_desc=v_desc, out_ptr=out_padded,
+        taylor_keys_desc=taylor_keys_desc, taylor_values_desc=taylor_values_desc, taylor_counts_ptr=taylor_counts,
+        sparse_blocks_ptr=plan.sparse_query_blocks.to(torch.int32).contiguous(),
+        exact_positions_ptr=exact_positions, exact_blocks_ptr=exact_blocks,
+        shortcut_ptr=None if residual is None else residual.shortcut,
+        gate_ptr=None if residual is None else residual.gate,
+        seq_len=seq, heads=heads, num_blocks=layout.num_blocks, num_kv=num_kv, num_sparse=num_sparse,
+        num_exact=num_exact, qk_scale_log2=_LOG2_E / math.sqrt(dim),
+        stride_ob=out_padded.stride(0), stride_os=out_padded.stride(1),
+        stride_oh=out_padded.stride(2), stride_od=out_padded.stride(3),
         BLOCK=layout.block_size, HEAD_DIM=dim, TAYLOR_TILE=TAYLOR_TILE,
-        EXACT_PAD=max(16, triton.next_power_of_2(num_exact)), HAS_RESIDUAL=residual is not None,
-        INTERPRETER=q.device.type == "cpu", **tiles,
+        EXACT_PAD=max(16, triton.next_power_of_2(num_exact)), **tiles,
     )
 
 

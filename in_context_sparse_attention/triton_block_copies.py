@@ -41,7 +41,8 @@ def gather_blocks(x: torch.Tensor, blocks: torch.Tensor, block_size: int, num_to
     if num_slots == 0 or num_tokens == 0:
         return out
     _kernels().gather_blocks_kernel[(batch * heads, triton.cdiv(num_tokens, block_size))](
-        x, blocks.contiguous(), out, seq, heads, num_slots, num_tokens, *x.stride(),
+        x_ptr=x, blocks_ptr=blocks.contiguous(), out_ptr=out, seq_len=seq, heads=heads, num_slots=num_slots,
+        num_tokens=num_tokens, stride_xb=x.stride(0), stride_xs=x.stride(1), stride_xh=x.stride(2), stride_xd=x.stride(3),
         BLOCK=block_size, HEAD_DIM=dim, num_warps=COPY_WARPS,
     )
     return out
@@ -62,12 +63,12 @@ def scatter_blocks(rows: torch.Tensor, blocks: torch.Tensor, out_padded: torch.T
         raise ValueError("scatter_blocks writes into a contiguous out_padded [B, NB * b, H, D]")
     block_size = num_rows // num_slots
     num_blocks = out_padded.shape[1] // block_size
-    if residual is None:
-        shortcut, gate, seq_len = out_padded, out_padded, out_padded.shape[1]  # not read
-    else:
-        shortcut, gate, seq_len = residual.shortcut, residual.gate, residual.gate.shape[1]
     _kernels().scatter_blocks_kernel[(batch * heads, num_slots)](
-        rows, blocks.contiguous(), out_padded, shortcut, gate, seq_len, heads, num_slots, num_blocks, *rows.stride(),
-        BLOCK=block_size, HEAD_DIM=dim, HAS_RESIDUAL=residual is not None,
-        INTERPRETER=out_padded.device.type == "cpu", num_warps=COPY_WARPS,
+        rows_ptr=rows, blocks_ptr=blocks.contiguous(), out_ptr=out_padded,
+        shortcut_ptr=None if residual is None else residual.shortcut,
+        gate_ptr=None if residual is None else residual.gate,
+        seq_len=None if residual is None else residual.gate.shape[1],
+        heads=heads, num_slots=num_slots, num_blocks=num_blocks,
+        stride_rb=rows.stride(0), stride_rh=rows.stride(1), stride_rs=rows.stride(2), stride_rd=rows.stride(3),
+        BLOCK=block_size, HEAD_DIM=dim, num_warps=COPY_WARPS,
     )

@@ -2,7 +2,10 @@
 
 Pointer arithmetic and host-built tensor descriptors only (no block pointers), so the
 same source runs on triton 3.6 (GPU) and on triton 3.9's CPU interpreter
-(TRITON_INTERPRET=1). Host-side launching lives in `triton_backend.py`.
+(TRITON_INTERPRET=1). Host-side launching lives in `triton_backend.py` and
+`triton_block_copies.py`: every argument by keyword, an absent optional input as None,
+and the compile-time flags that follow from the arguments (HAS_RESIDUAL, INTERPRETER)
+derived by `triton.heuristics` rather than passed.
 
 Naming: `b_` a tile in registers, `o_` offsets, `m_` masks, upper case compile-time sizes.
 Token tensors are [B, S, H, D] with any strides; every softmax works in base 2 with the
@@ -12,6 +15,24 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+def _has_residual(args: dict) -> bool:
+    """HAS_RESIDUAL: whether ISA's residual was passed (shortcut_ptr and gate_ptr, both or
+    neither; None stands for an absent one)."""
+    has_shortcut, has_gate = args["shortcut_ptr"] is not None, args["gate_ptr"] is not None
+    if has_shortcut != has_gate:
+        raise ValueError("the residual needs both shortcut_ptr and gate_ptr, or neither (None)")
+    return has_shortcut
+
+
+def _on_interpreter(args: dict) -> bool:
+    """INTERPRETER: whether the kernel runs on triton's CPU interpreter (its output is a CPU tensor)."""
+    return args["out_ptr"].device.type == "cpu"
+
+
+# Compile-time flags derived from the arguments, so that a caller cannot pass them wrong.
+_FLAGS = triton.heuristics({"HAS_RESIDUAL": _has_residual, "INTERPRETER": _on_interpreter})
 
 
 @triton.jit
@@ -96,6 +117,7 @@ def _with_residual(b_out, shortcut_ptr, gate_ptr, batch, batch_head, block, seq_
     return b_out + b_gate[:, None] * b_shortcut[None, :]
 
 
+@_FLAGS
 @triton.jit
 def sparse_block_attention_kernel(
     q_desc,  # descriptor of q viewed as [B, S, H * D], block [1, BLOCK, HEAD_DIM]
@@ -108,8 +130,8 @@ def sparse_block_attention_kernel(
     sparse_blocks_ptr,  # [B, H, Ns] int32, contiguous: diffuse query block ids
     exact_positions_ptr,  # [B, H, Ns, E] int32, contiguous: positions into kv_blocks
     exact_blocks_ptr,  # [B, H, Ns, E] int32, contiguous: the same as original block ids
-    shortcut_ptr,  # [B, H, NB, D] fp32, contiguous: Oc (read only with HAS_RESIDUAL)
-    gate_ptr,  # [B, S] fp32, contiguous: the residual's per-token gate (the same)
+    shortcut_ptr,  # [B, H, NB, D] fp32, contiguous: Oc; None without the residual
+    gate_ptr,  # [B, S] fp32, contiguous: the residual's per-token gate; None without it
     seq_len,
     heads,
     num_blocks,
@@ -123,8 +145,8 @@ def sparse_block_attention_kernel(
     TAYLOR_TILE: tl.constexpr,  # pruned blocks per Taylor tile
     EXACT_PAD: tl.constexpr,  # power of two >= E
     TAYLOR_STAGES: tl.constexpr,  # software-pipeline depth of the Taylor loop
-    HAS_RESIDUAL: tl.constexpr,  # add gate * Oc to every row written (see _with_residual)
-    INTERPRETER: tl.constexpr,  # True on the CPU interpreter (see _dot, _round_to)
+    HAS_RESIDUAL: tl.constexpr,  # derived (_FLAGS): add gate * Oc to every row written (_with_residual)
+    INTERPRETER: tl.constexpr,  # derived (_FLAGS): True on the CPU interpreter (see _dot, _round_to)
 ):
     """One program per (diffuse query block, batch * head).
 
@@ -239,14 +261,15 @@ def gather_blocks_kernel(
     tl.store(out_ptr + (batch_head * num_tokens + o_row[:, None]) * HEAD_DIM + o_d[None, :], b_x, mask=(o_row < num_tokens)[:, None])
 
 
+@_FLAGS
 @triton.jit
 def scatter_blocks_kernel(
     rows_ptr,  # [B, H, N * BLOCK, D], any strides
     blocks_ptr,  # [B, H, N] int64, contiguous: the block id of each slot
     out_ptr,  # [B, NB * BLOCK, H, D], contiguous: written at the slots' blocks
-    shortcut_ptr,  # [B, H, NB, D] fp32, contiguous: Oc (read only with HAS_RESIDUAL)
-    gate_ptr,  # [B, S] fp32, contiguous: the residual's per-token gate (the same)
-    seq_len,
+    shortcut_ptr,  # [B, H, NB, D] fp32, contiguous: Oc; None without the residual
+    gate_ptr,  # [B, S] fp32, contiguous: the residual's per-token gate; None without it
+    seq_len,  # S, the gate's row length; None without the residual
     heads,
     num_slots,  # N
     num_blocks,  # NB
@@ -256,8 +279,8 @@ def scatter_blocks_kernel(
     stride_rd,
     BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,  # add gate * Oc to every row written (see _with_residual)
-    INTERPRETER: tl.constexpr,  # True on the CPU interpreter (see _round_to)
+    HAS_RESIDUAL: tl.constexpr,  # derived (_FLAGS): add gate * Oc to every row written (_with_residual)
+    INTERPRETER: tl.constexpr,  # derived (_FLAGS): True on the CPU interpreter (see _round_to)
 ):
     """One program per (batch * head, slot): out[b, block * BLOCK + r, h] = rows[b, h, slot * BLOCK + r]
     for every r (out has the padding rows of a partial last block), plus the residual."""

@@ -53,9 +53,10 @@ def select_context_blocks(probs: torch.Tensor, layout: BlockLayout, select_ratio
     saliency = probs[:, :, : layout.num_target_query_blocks, first:end].sum(dim=2).contiguous()  # [B, H, n_cand]
     kv_blocks = torch.empty(batch, heads, num_kv, dtype=torch.long, device=probs.device)
     _kernels().select_context_kernel[(batch * heads,)](
-        saliency, kv_blocks, end - first, layout.num_selected(select_ratio), first, num_kv, layout.num_blocks,
-        CANDIDATES=triton.next_power_of_2(max(1, end - first)), TARGET_TILE=1024, EXTRA_LAST=layout.extra_last_block,
-        num_warps=_row_tiles(end - first)[2],
+        saliency_ptr=saliency, kv_blocks_ptr=kv_blocks, num_candidates=end - first,
+        num_selected=layout.num_selected(select_ratio), first_candidate=first, num_kv=num_kv,
+        num_blocks=layout.num_blocks, CANDIDATES=triton.next_power_of_2(max(1, end - first)), TARGET_TILE=1024,
+        EXTRA_LAST=layout.extra_last_block, num_warps=_row_tiles(end - first)[2],
     )
     return kv_blocks
 
@@ -81,8 +82,8 @@ def query_sharpness(probs: torch.Tensor, layout: BlockLayout, sharpness_ratio: f
     terms = triton.next_power_of_2(num_terms)
     chunk = max(1, min(terms, _TILE_ELEMENTS // (rows * terms)))  # a [rows, terms, chunk] compare tile
     _kernels().sharpness_terms_kernel[(triton.cdiv(num_rows, rows),)](
-        probs, largest_first, num_rows, num_blocks, num_cols, num_terms,
-        ROWS=rows, COLS=cols, TERMS=terms, CHUNK=chunk, num_warps=warps,
+        probs_ptr=probs, terms_ptr=largest_first, num_rows=num_rows, row_stride=num_blocks, num_cols=num_cols,
+        num_terms=num_terms, ROWS=rows, COLS=cols, TERMS=terms, CHUNK=chunk, num_warps=warps,
     )
     return largest_first[..., :num_terms].sum(dim=-1)
 
@@ -100,7 +101,8 @@ def split_query_blocks(probs: torch.Tensor, layout: BlockLayout, config: ISAConf
     sparse = torch.empty(batch, heads, num_blocks - num_full, dtype=torch.long, device=probs.device)
     _, blocks, warps = _row_tiles(num_blocks)
     _kernels().split_query_blocks_kernel[(batch * heads,)](
-        sharpness, full, sparse, num_blocks, num_full, BLOCKS=blocks, num_warps=warps,
+        sharpness_ptr=sharpness, full_ptr=full, sparse_ptr=sparse, num_blocks=num_blocks, num_full=num_full,
+        BLOCKS=blocks, num_warps=warps,
     )
     return full, sparse
 
@@ -132,7 +134,8 @@ def choose_exact_blocks(
     num_rows = batch * heads * num_sparse
     rows, kv, warps = _row_tiles(num_kv)
     _kernels().exact_blocks_kernel[(triton.cdiv(num_rows, rows),)](
-        scores, exact, num_rows, num_kv, num_exact, ROWS=rows, KV=kv, num_warps=warps,
+        scores_ptr=scores, exact_ptr=exact, num_rows=num_rows, num_kv=num_kv, num_exact=num_exact,
+        ROWS=rows, KV=kv, num_warps=warps,
     )
     return exact
 

@@ -287,3 +287,16 @@ def test_gpu_end_to_end_within_bf16_precision(t_len, c_len, batch, heads, dim):
     torch_out = run("torch", q, k, v)
     every_row = torch.ones(triton_out.shape[:3], dtype=torch.bool, device="cuda")
     assert_within_precision(triton_out, torch_out, reference_out, every_row, floor=1e-3)
+
+
+def test_residual_flag_is_derived_from_the_arguments():
+    """HAS_RESIDUAL comes from whether the residual's tensors are passed (None when absent),
+    so a launch cannot pass one without the other, nor claim a residual it lacks."""
+    from in_context_sparse_attention.triton_kernels import _has_residual
+
+    tensor = torch.zeros(1)
+    assert _has_residual({"shortcut_ptr": tensor, "gate_ptr": tensor}) is True
+    assert _has_residual({"shortcut_ptr": None, "gate_ptr": None}) is False
+    for half in ({"shortcut_ptr": tensor, "gate_ptr": None}, {"shortcut_ptr": None, "gate_ptr": tensor}):
+        with pytest.raises(ValueError, match="both shortcut_ptr and gate_ptr, or neither"):
+            _has_residual(half)
