@@ -8,6 +8,8 @@ compile once.
 
 Shapes: B batch, S tokens, H heads, D head dim, b block size, NB = ceil(S / b) blocks,
 Ns sparse query blocks, E exact blocks per sparse query block, NKV pruned key/value blocks.
+Names follow the kernel convention of docs/isa.md: `s_` shared-memory tiles, `b_` tiles
+in registers (fragments), `o_` offsets; kernel arguments (global tensors) are CamelCase.
 """
 import math
 
@@ -39,7 +41,7 @@ def build_pool_blocks(head_dim: int, dtype: str, block_size: int, threads: int =
             b_x = T.alloc_fragment([block_size, head_dim], ACCUM)  # [b, D]
             b_sum = T.alloc_fragment([head_dim], ACCUM)  # [D]
             o_first = bn * block_size
-            for i, d in T.Parallel(block_size, head_dim):
+            for i, d in T.Parallel(block_size, head_dim):  # b_x [block_size, head_dim]: padding reads as 0
                 b_x[i, d] = T.if_then_else(o_first + i < seq_len, X[bz, o_first + i, bh, d], T.cast(0, dtype))
             T.reduce_sum(b_x, b_sum, dim=0)
             n_valid = T.min(seq_len - o_first, block_size)
@@ -59,7 +61,7 @@ def build_sparse_attention(
     """Exact top-E blocks plus 0-th order Taylor terms for the other pruned blocks.
 
     One program handles one diffuse query block (b queries) of one (batch, head). With one
-    online-softmax state (running max m, running sum l, accumulator acc) it runs, over key
+    online-softmax state (running max b_max, denominator b_sum, numerator b_acc) it runs, over key
     tiles of `tile_blocks` * b columns,
       1. the E exact blocks, `tile_blocks` per tile, read through `ExactBlocks` from the
          original K, V; keys past S (only in a partial last block) and slots past E get
@@ -67,8 +69,9 @@ def build_sparse_attention(
       2. the pruned blocks, `tile_blocks` * b per tile: logit q . kbar_j, weight n_j, value
          vbar_j (so the value term is n_j e^(logit) vbar_j = e^(logit) Vsum_j). Blocks with
          `TaylorCounts` 0 (the exact ones, and positions past NKV) get logit -inf;
-    and rescales acc and l whenever m grows, so both parts share one normaliser. Every
-    column's term is weight * e^(logit - m): weight 1 for an exact key, n_j for a block mean.
+    and rescales b_acc and b_sum whenever b_max grows, so both parts share one normaliser.
+    Every column's term is weight * e^(logit - b_max): weight 1 for an exact key, n_j for a
+    block mean.
     Each row written also gets ISA's residual Gate[b, t] * Shortcut[b, h, block] (formed
     in fp32, rounded once; a zero gate when there is none), saving a pass over the output.
     On the H100 at 65,536 tokens one block per tile (5.46 ms) beat two (5.90 ms).
@@ -91,25 +94,26 @@ def build_sparse_attention(
     rows, cols = block_size, tile_blocks * block_size
 
     @T.macro
-    def softmax_step(b_q, b_k, b_v, b_w, b_s, b_p, b_acc, b_m, b_m_prev, b_rescale, b_rowsum, b_l):
-        """Fold one key tile (keys b_k, values b_v, column weights b_w) into (m, l, acc)."""
-        T.clear(b_s)
-        T.gemm(b_q, b_k, b_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+    def softmax_step(s_q, s_k, s_v, s_w, b_scores, b_p, b_acc, b_max, b_max_prev, b_rescale, b_tile_sum, b_sum):
+        """Fold one key tile (keys s_k [cols, head_dim], values s_v [cols, head_dim], column
+        weights s_w [cols]) into (b_max, b_sum, b_acc)."""
+        T.clear(b_scores)
+        T.gemm(s_q, s_k, b_scores, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
         for i, j in T.Parallel(rows, cols):
-            b_s[i, j] = T.if_then_else(b_w[j] > 0, b_s[i, j], -T.infinity(ACCUM))
-        T.copy(b_m, b_m_prev)
-        T.reduce_max(b_s, b_m, dim=1, clear=False)
+            b_scores[i, j] = T.if_then_else(s_w[j] > 0, b_scores[i, j], -T.infinity(ACCUM))
+        T.copy(b_max, b_max_prev)
+        T.reduce_max(b_scores, b_max, dim=1, clear=False)
         for i in T.Parallel(rows):
-            b_rescale[i] = T.exp2(b_m_prev[i] * scale_log2 - b_m[i] * scale_log2)
+            b_rescale[i] = T.exp2(b_max_prev[i] * scale_log2 - b_max[i] * scale_log2)
         for i, j in T.Parallel(rows, cols):
-            b_s[i, j] = T.exp2(b_s[i, j] * scale_log2 - b_m[i] * scale_log2) * b_w[j]
-        T.reduce_sum(b_s, b_rowsum, dim=1)
+            b_scores[i, j] = T.exp2(b_scores[i, j] * scale_log2 - b_max[i] * scale_log2) * s_w[j]
+        T.reduce_sum(b_scores, b_tile_sum, dim=1)
         for i in T.Parallel(rows):
-            b_l[i] = b_l[i] * b_rescale[i] + b_rowsum[i]
-        T.copy(b_s, b_p)
+            b_sum[i] = b_sum[i] * b_rescale[i] + b_tile_sum[i]
+        T.copy(b_scores, b_p)
         for i, d in T.Parallel(rows, head_dim):
             b_acc[i, d] *= b_rescale[i]
-        T.gemm(b_p, b_v, b_acc, policy=T.GemmWarpPolicy.FullRow)
+        T.gemm(b_p, s_v, b_acc, policy=T.GemmWarpPolicy.FullRow)
 
     @T.prim_func
     def sparse_attention(
@@ -126,56 +130,57 @@ def build_sparse_attention(
         Out: T.Tensor([batch, padded_len, heads, head_dim], dtype),
     ):
         with T.Kernel(num_sparse, heads, batch, threads=threads) as (bx, by, bz):
-            b_q = T.alloc_shared([rows, head_dim], dtype)
-            b_k = T.alloc_shared([cols, head_dim], dtype)
-            b_v = T.alloc_shared([cols, head_dim], dtype)
-            b_kbar = T.alloc_shared([cols, head_dim], dtype)
-            b_vbar = T.alloc_shared([cols, head_dim], dtype)
-            b_o = T.alloc_shared([rows, head_dim], dtype)
-            b_w = T.alloc_shared([cols], ACCUM)  # column weights of the current tile
-            b_s = T.alloc_fragment([rows, cols], ACCUM)  # logits, then weights
+            s_q = T.alloc_shared([rows, head_dim], dtype)
+            s_k = T.alloc_shared([cols, head_dim], dtype)
+            s_v = T.alloc_shared([cols, head_dim], dtype)
+            s_kbar = T.alloc_shared([cols, head_dim], dtype)
+            s_vbar = T.alloc_shared([cols, head_dim], dtype)
+            s_o = T.alloc_shared([rows, head_dim], dtype)
+            s_w = T.alloc_shared([cols], ACCUM)  # column weights of the current tile
+            b_scores = T.alloc_fragment([rows, cols], ACCUM)  # logits, then weights
             b_p = T.alloc_fragment([rows, cols], dtype)
             b_acc = T.alloc_fragment([rows, head_dim], ACCUM)
-            b_m = T.alloc_fragment([rows], ACCUM)
-            b_m_prev = T.alloc_fragment([rows], ACCUM)
+            b_max = T.alloc_fragment([rows], ACCUM)
+            b_max_prev = T.alloc_fragment([rows], ACCUM)
             b_rescale = T.alloc_fragment([rows], ACCUM)
-            b_rowsum = T.alloc_fragment([rows], ACCUM)
-            b_l = T.alloc_fragment([rows], ACCUM)
+            b_tile_sum = T.alloc_fragment([rows], ACCUM)
+            b_sum = T.alloc_fragment([rows], ACCUM)
 
             query_block = QueryBlocks[bz, by, bx]
             o_q = query_block * block_size
-            for i, d in T.Parallel(rows, head_dim):
-                b_q[i, d] = T.if_then_else(o_q + i < seq_len, Q[bz, o_q + i, by, d], T.cast(0, dtype))
+            for i, d in T.Parallel(rows, head_dim):  # s_q [rows, head_dim]: rows past S read as 0
+                s_q[i, d] = T.if_then_else(o_q + i < seq_len, Q[bz, o_q + i, by, d], T.cast(0, dtype))
             T.fill(b_acc, 0)
-            T.fill(b_l, 0)
-            T.fill(b_m, -T.infinity(ACCUM))
+            T.fill(b_sum, 0)
+            T.fill(b_max, -T.infinity(ACCUM))
 
             # One stage: deeper cp.async pipelines over a run-time loop count do not compile
             # under tilelang 0.1.15; several programs per SM hide the load latency instead.
             for t in T.Pipelined(T.ceildiv(num_exact, tile_blocks), num_stages=1):
                 for u in T.serial(tile_blocks):
                     o_kv = ExactBlocks[bz, by, bx, T.min(t * tile_blocks + u, num_exact - 1)] * block_size
-                    T.copy(K[bz, o_kv : o_kv + block_size, by, :], b_k[u * block_size : (u + 1) * block_size, :])
-                    T.copy(V[bz, o_kv : o_kv + block_size, by, :], b_v[u * block_size : (u + 1) * block_size, :])
-                for j in T.Parallel(cols):
+                    # [block_size, head_dim] into rows [u * b, (u + 1) * b) of s_k, s_v [cols, head_dim]
+                    T.copy(K[bz, o_kv : o_kv + block_size, by, :], s_k[u * block_size : (u + 1) * block_size, :])
+                    T.copy(V[bz, o_kv : o_kv + block_size, by, :], s_v[u * block_size : (u + 1) * block_size, :])
+                for j in T.Parallel(cols):  # s_w [cols]
                     slot = t * tile_blocks + j // block_size
                     token = ExactBlocks[bz, by, bx, T.min(slot, num_exact - 1)] * block_size + j % block_size
-                    b_w[j] = T.if_then_else(slot < num_exact and token < seq_len, T.cast(1, ACCUM), T.cast(0, ACCUM))
-                softmax_step(b_q, b_k, b_v, b_w, b_s, b_p, b_acc, b_m, b_m_prev, b_rescale, b_rowsum, b_l)
+                    s_w[j] = T.if_then_else(slot < num_exact and token < seq_len, T.cast(1, ACCUM), T.cast(0, ACCUM))
+                softmax_step(s_q, s_k, s_v, s_w, b_scores, b_p, b_acc, b_max, b_max_prev, b_rescale, b_tile_sum, b_sum)
 
             for c in T.serial(T.ceildiv(num_kv, cols)):
                 o_c = c * cols
-                T.copy(KeyMeans[bz, by, o_c : o_c + cols, :], b_kbar)
-                T.copy(ValueMeans[bz, by, o_c : o_c + cols, :], b_vbar)
-                for j in T.Parallel(cols):
-                    b_w[j] = T.if_then_else(o_c + j < num_kv, TaylorCounts[bz, by, bx, o_c + j], T.cast(0, ACCUM))
-                softmax_step(b_q, b_kbar, b_vbar, b_w, b_s, b_p, b_acc, b_m, b_m_prev, b_rescale, b_rowsum, b_l)
+                T.copy(KeyMeans[bz, by, o_c : o_c + cols, :], s_kbar)  # [cols, head_dim]
+                T.copy(ValueMeans[bz, by, o_c : o_c + cols, :], s_vbar)  # [cols, head_dim]
+                for j in T.Parallel(cols):  # s_w [cols]
+                    s_w[j] = T.if_then_else(o_c + j < num_kv, TaylorCounts[bz, by, bx, o_c + j], T.cast(0, ACCUM))
+                softmax_step(s_q, s_kbar, s_vbar, s_w, b_scores, b_p, b_acc, b_max, b_max_prev, b_rescale, b_tile_sum, b_sum)
 
             for i, d in T.Parallel(rows, head_dim):
                 gate = T.if_then_else(o_q + i < seq_len, Gate[bz, o_q + i], T.cast(0, ACCUM))
-                b_o[i, d] = b_acc[i, d] / b_l[i] + gate * Shortcut[bz, by, query_block, d]
+                s_o[i, d] = b_acc[i, d] / b_sum[i] + gate * Shortcut[bz, by, query_block, d]
             for i, d in T.Parallel(rows, head_dim):
                 if o_q + i < seq_len:
-                    Out[bz, o_q + i, by, d] = b_o[i, d]
+                    Out[bz, o_q + i, by, d] = s_o[i, d]
 
     return sparse_attention

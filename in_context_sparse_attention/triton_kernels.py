@@ -7,7 +7,8 @@ same source runs on triton 3.6 (GPU) and on triton 3.9's CPU interpreter
 and the compile-time flags that follow from the arguments (HAS_RESIDUAL, INTERPRETER)
 derived by `triton.heuristics` rather than passed.
 
-Naming: `b_` a tile in registers, `o_` offsets, `m_` masks, upper case compile-time sizes.
+Names follow the kernel convention of docs/isa.md (`b_` tiles in registers, `o_` offsets,
+`m_` masks only, `_ptr(s)` / `_desc` pointers and descriptors, upper case constexprs).
 Token tensors are [B, S, H, D] with any strides; every softmax works in base 2 with the
 scale 1/sqrt(D) * log2(e) folded into one constant.
 """
@@ -63,9 +64,9 @@ def pool_blocks_kernel(
     o_d = tl.arange(0, HEAD_DIM)
     m_tok = o_tok < seq_len
     x_ptrs = x_ptr + batch * stride_xb + head * stride_xh + o_tok[:, None] * stride_xs + o_d[None, :] * stride_xd
-    b_x = tl.load(x_ptrs, mask=m_tok[:, None], other=0.0).to(tl.float32)  # [BLOCK, D]
+    b_x = tl.load(x_ptrs, mask=m_tok[:, None], other=0.0).to(tl.float32)  # [BLOCK, HEAD_DIM]
     count = tl.minimum(seq_len - block * BLOCK, BLOCK)
-    b_mean = tl.sum(b_x, axis=0) / count  # [D]
+    b_mean = tl.sum(b_x, axis=0) / count  # [HEAD_DIM]
     tl.store(out_ptr + (batch_head * num_blocks + block) * HEAD_DIM + o_d, b_mean)
 
 
@@ -83,28 +84,29 @@ def _round_to(b_x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
     """fp32 b_x rounded to `dtype` to nearest even, as the GPU does; triton 3.9's
     interpreter truncates fp32 -> bf16, so there the rounding is done on the bits."""
     if INTERPRETER and dtype == tl.bfloat16:
-        bits = b_x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True).to(dtype)
+        b_bits = b_x.to(tl.uint32, bitcast=True)
+        b_bits = (b_bits + 0x7FFF + ((b_bits >> 16) & 1)) & 0xFFFF0000
+        return b_bits.to(tl.float32, bitcast=True).to(dtype)
     return b_x.to(dtype)
 
 
 @triton.jit
-def _online_softmax_step(b_scores, m_i, l_i, b_acc, b_weights_for_sum, b_values, INTERPRETER: tl.constexpr):
-    """Fold one tile of base-2 logits into the running state (m_i, l_i, b_acc).
+def _online_softmax_step(b_scores, b_max, b_sum, b_acc, b_weights, b_values, INTERPRETER: tl.constexpr):
+    """Fold one tile of base-2 logits into the running state: b_max [BLOCK] the running
+    max, b_sum [BLOCK] the running denominator, b_acc [BLOCK, D] the running numerator.
 
     b_scores: [BLOCK, N] base-2 logits, -inf where a column does not take part.
-    b_weights_for_sum: [N] multiplicity of each column in the denominator (token count
-    of a Taylor block, 1 for an exact key). b_values: [N, D] what each column adds.
+    b_weights: [N] multiplicity of each column in the denominator (token count of a
+    Taylor block, 1 for an exact key). b_values: [N, D] what each column adds.
     Whenever the running max grows, everything accumulated so far is rescaled.
     """
-    m_new = tl.maximum(m_i, tl.max(b_scores, axis=1))  # [BLOCK]
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet stays at 0
-    rescale = tl.exp2(m_i - m_safe)  # [BLOCK]
-    b_p = tl.exp2(b_scores - m_safe[:, None])  # [BLOCK, N]
-    l_i = l_i * rescale + tl.sum(b_p * b_weights_for_sum[None, :], axis=1)
-    b_acc = b_acc * rescale[:, None] + _dot(_round_to(b_p, b_values.dtype, INTERPRETER), b_values, INTERPRETER)
-    return m_new, l_i, b_acc
+    b_max_new = tl.maximum(b_max, tl.max(b_scores, axis=1))  # [BLOCK]
+    b_shift = tl.where(b_max_new == float("-inf"), 0.0, b_max_new)  # a row with nothing yet stays at 0
+    b_rescale = tl.exp2(b_max - b_shift)  # [BLOCK]
+    b_p = tl.exp2(b_scores - b_shift[:, None])  # [BLOCK, N]
+    b_sum = b_sum * b_rescale + tl.sum(b_p * b_weights[None, :], axis=1)
+    b_acc = b_acc * b_rescale[:, None] + _dot(_round_to(b_p, b_values.dtype, INTERPRETER), b_values, INTERPRETER)
+    return b_max_new, b_sum, b_acc
 
 
 @triton.jit
@@ -113,7 +115,7 @@ def _with_residual(b_out, shortcut_ptr, gate_ptr, batch, batch_head, block, seq_
     gate[b, t] * Oc[b, h, block]; rows past S get nothing (their gate reads as 0)."""
     o_tok = block * BLOCK + tl.arange(0, BLOCK)
     b_gate = tl.load(gate_ptr + batch * seq_len + o_tok, mask=o_tok < seq_len, other=0.0)  # [BLOCK]
-    b_shortcut = tl.load(shortcut_ptr + (batch_head * num_blocks + block) * HEAD_DIM + tl.arange(0, HEAD_DIM))  # [D]
+    b_shortcut = tl.load(shortcut_ptr + (batch_head * num_blocks + block) * HEAD_DIM + tl.arange(0, HEAD_DIM))  # [HEAD_DIM]
     return b_out + b_gate[:, None] * b_shortcut[None, :]
 
 
@@ -173,11 +175,11 @@ def sparse_block_attention_kernel(
     head = batch_head % heads
     column = head * HEAD_DIM  # of this head in the [B, S, H * D] views
 
-    query_block = tl.load(sparse_blocks_ptr + batch_head * num_sparse + sparse_index)
-    b_q = tl.reshape(q_desc.load([batch, query_block * BLOCK, column]), [BLOCK, HEAD_DIM])
+    query_block = tl.load(sparse_blocks_ptr + batch_head * num_sparse + sparse_index)  # scalar
+    b_q = tl.reshape(q_desc.load([batch, query_block * BLOCK, column]), [BLOCK, HEAD_DIM])  # [BLOCK, HEAD_DIM]
 
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    b_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    b_sum = tl.zeros([BLOCK], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
 
     table_row = (batch_head * num_sparse + sparse_index) * num_exact
@@ -188,27 +190,27 @@ def sparse_block_attention_kernel(
     for kv_start in tl.range(0, num_kv, TAYLOR_TILE, num_stages=TAYLOR_STAGES):
         o_kv = kv_start + tl.arange(0, TAYLOR_TILE)
         m_kv = o_kv < num_kv
-        is_exact = tl.sum((o_kv[:, None] == b_exact_positions[None, :]).to(tl.int32), axis=1) > 0
-        m_taylor = m_kv & (is_exact == 0)
-        b_kbar = tl.reshape(taylor_keys_desc.load([batch_head, kv_start, 0]), [TAYLOR_TILE, HEAD_DIM])
-        b_vsum = tl.reshape(taylor_values_desc.load([batch_head, kv_start, 0]), [TAYLOR_TILE, HEAD_DIM])
+        m_exact = tl.sum((o_kv[:, None] == b_exact_positions[None, :]).to(tl.int32), axis=1) > 0  # [TAYLOR_TILE]
+        m_taylor = m_kv & (m_exact == 0)
+        b_kbar = tl.reshape(taylor_keys_desc.load([batch_head, kv_start, 0]), [TAYLOR_TILE, HEAD_DIM])  # [TAYLOR_TILE, HEAD_DIM]
+        b_vsum = tl.reshape(taylor_values_desc.load([batch_head, kv_start, 0]), [TAYLOR_TILE, HEAD_DIM])  # [TAYLOR_TILE, HEAD_DIM]
         b_counts = tl.load(taylor_counts_ptr + batch_head * num_kv + o_kv, mask=m_kv, other=0.0)  # [TAYLOR_TILE]
         b_scores = _dot(b_q, tl.trans(b_kbar), INTERPRETER) * qk_scale_log2  # [BLOCK, TAYLOR_TILE]
         b_scores = tl.where(m_taylor[None, :], b_scores, float("-inf"))
-        m_i, l_i, b_acc = _online_softmax_step(b_scores, m_i, l_i, b_acc, b_counts, b_vsum, INTERPRETER)
+        b_max, b_sum, b_acc = _online_softmax_step(b_scores, b_max, b_sum, b_acc, b_counts, b_vsum, INTERPRETER)
 
     # Exact blocks: their real tokens, read from the original k and v through the table.
-    ones = tl.full([BLOCK], 1.0, dtype=tl.float32)
+    b_ones = tl.full([BLOCK], 1.0, dtype=tl.float32)
     for e in range(0, num_exact):
-        key_block = tl.load(exact_blocks_ptr + table_row + e)
-        b_k = tl.reshape(k_desc.load([batch, key_block * BLOCK, column]), [BLOCK, HEAD_DIM])
-        b_v = tl.reshape(v_desc.load([batch, key_block * BLOCK, column]), [BLOCK, HEAD_DIM])
+        key_block = tl.load(exact_blocks_ptr + table_row + e)  # scalar
+        b_k = tl.reshape(k_desc.load([batch, key_block * BLOCK, column]), [BLOCK, HEAD_DIM])  # [BLOCK, HEAD_DIM]
+        b_v = tl.reshape(v_desc.load([batch, key_block * BLOCK, column]), [BLOCK, HEAD_DIM])  # [BLOCK, HEAD_DIM]
         m_k = key_block * BLOCK + tl.arange(0, BLOCK) < seq_len
         b_scores = _dot(b_q, tl.trans(b_k), INTERPRETER) * qk_scale_log2  # [BLOCK, BLOCK]
         b_scores = tl.where(m_k[None, :], b_scores, float("-inf"))
-        m_i, l_i, b_acc = _online_softmax_step(b_scores, m_i, l_i, b_acc, ones, b_v, INTERPRETER)
+        b_max, b_sum, b_acc = _online_softmax_step(b_scores, b_max, b_sum, b_acc, b_ones, b_v, INTERPRETER)
 
-    b_out = b_acc / l_i[:, None]
+    b_out = b_acc / b_sum[:, None]
     if HAS_RESIDUAL:
         b_out = _with_residual(b_out, shortcut_ptr, gate_ptr, batch, batch_head, query_block, seq_len, num_blocks, BLOCK, HEAD_DIM)
     o_q = query_block * BLOCK + tl.arange(0, BLOCK)
@@ -251,13 +253,13 @@ def gather_blocks_kernel(
     slot = tl.program_id(1)
     batch = batch_head // heads
     head = batch_head % heads
-    block = tl.load(blocks_ptr + batch_head * num_slots + slot)
+    block = tl.load(blocks_ptr + batch_head * num_slots + slot)  # scalar
     o_r = tl.arange(0, BLOCK)
     o_d = tl.arange(0, HEAD_DIM)
     o_tok = block * BLOCK + o_r
     o_row = slot * BLOCK + o_r
     x_ptrs = x_ptr + batch * stride_xb + head * stride_xh + o_tok[:, None] * stride_xs + o_d[None, :] * stride_xd
-    b_x = tl.load(x_ptrs, mask=(o_tok < seq_len)[:, None], other=0.0)
+    b_x = tl.load(x_ptrs, mask=(o_tok < seq_len)[:, None], other=0.0)  # [BLOCK, HEAD_DIM]
     tl.store(out_ptr + (batch_head * num_tokens + o_row[:, None]) * HEAD_DIM + o_d[None, :], b_x, mask=(o_row < num_tokens)[:, None])
 
 
@@ -288,13 +290,13 @@ def scatter_blocks_kernel(
     slot = tl.program_id(1)
     batch = batch_head // heads
     head = batch_head % heads
-    block = tl.load(blocks_ptr + batch_head * num_slots + slot)
+    block = tl.load(blocks_ptr + batch_head * num_slots + slot)  # scalar
     o_r = tl.arange(0, BLOCK)
     o_d = tl.arange(0, HEAD_DIM)
     rows_ptrs = rows_ptr + batch * stride_rb + head * stride_rh + (slot * BLOCK + o_r[:, None]) * stride_rs + o_d[None, :] * stride_rd
-    b_rows = tl.load(rows_ptrs)
+    b_rows = tl.load(rows_ptrs)  # [BLOCK, HEAD_DIM]
     if HAS_RESIDUAL:
-        b_sum = _with_residual(b_rows.to(tl.float32), shortcut_ptr, gate_ptr, batch, batch_head, block, seq_len, num_blocks, BLOCK, HEAD_DIM)
-        b_rows = _round_to(b_sum, out_ptr.dtype.element_ty, INTERPRETER)
-    out_rows = batch * num_blocks * BLOCK + block * BLOCK + o_r
-    tl.store(out_ptr + (out_rows[:, None] * heads + head) * HEAD_DIM + o_d[None, :], b_rows.to(out_ptr.dtype.element_ty))
+        b_out = _with_residual(b_rows.to(tl.float32), shortcut_ptr, gate_ptr, batch, batch_head, block, seq_len, num_blocks, BLOCK, HEAD_DIM)
+        b_rows = _round_to(b_out, out_ptr.dtype.element_ty, INTERPRETER)
+    o_out_row = batch * num_blocks * BLOCK + block * BLOCK + o_r
+    tl.store(out_ptr + (o_out_row[:, None] * heads + head) * HEAD_DIM + o_d[None, :], b_rows.to(out_ptr.dtype.element_ty))

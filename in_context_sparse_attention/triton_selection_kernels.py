@@ -13,8 +13,8 @@ Pointer arithmetic only (no block pointers), so the same source runs on triton 3
 and on triton 3.9's CPU interpreter (TRITON_INTERPRET=1). Host-side launching lives in
 `triton_selection.py`.
 
-Naming: `b_` a tile in registers, `o_` offsets, `m_` masks, upper case compile-time sizes.
-Padding lanes carry the key INT32_MIN, below the key of every fp32 value but NaN.
+Names follow the kernel convention of docs/isa.md (`b_` tiles in registers, `o_` offsets,
+`m_` masks only, `_ptr(s)` pointers, upper case constexprs). Padding lanes carry the key INT32_MIN, below the key of every fp32 value but NaN.
 """
 from __future__ import annotations
 
@@ -89,10 +89,10 @@ def sharpness_terms_kernel(
     p_ptrs = probs_ptr + o_row.to(tl.int64)[:, None] * row_stride + o_col[None, :]
     b_keys = tl.where(m_p, _order_key(tl.load(p_ptrs, mask=m_p, other=0.0)), _INT32_MIN)  # [ROWS, COLS]
     m_top = _top_k_mask(b_keys, num_terms) & m_row[:, None]
-    rank = tl.cumsum(m_top.to(tl.int32), axis=1) - 1
+    b_rank = tl.cumsum(m_top.to(tl.int32), axis=1) - 1  # [ROWS, COLS]
     terms_row_ptrs = terms_ptr + o_row.to(tl.int64)[:, None] * num_cols  # [ROWS, 1]
     # the probabilities back from their keys, so that only the keys stay live in registers
-    tl.store(terms_row_ptrs + rank, _order_key(b_keys).to(tl.float32, bitcast=True), mask=m_top)
+    tl.store(terms_row_ptrs + b_rank, _order_key(b_keys).to(tl.float32, bitcast=True), mask=m_top)
     tl.debug_barrier()
 
     o_term = tl.arange(0, TERMS)
@@ -129,11 +129,11 @@ def split_query_blocks_kernel(
     b_keys = tl.where(m_block, _order_key(b_sharpness), _INT32_MIN)[None, :]  # [1, BLOCKS]
     m_full = _top_k_mask(b_keys, num_full)
     m_sparse = m_block[None, :] & ~m_full
-    b_ids = o_block.to(tl.int64)[None, :]
-    full_rank = tl.cumsum(m_full.to(tl.int32), axis=1) - 1
-    sparse_rank = tl.cumsum(m_sparse.to(tl.int32), axis=1) - 1
-    tl.store(full_ptr + batch_head * num_full + full_rank, b_ids, mask=m_full)
-    tl.store(sparse_ptr + batch_head * (num_blocks - num_full) + sparse_rank, b_ids, mask=m_sparse)
+    b_ids = o_block.to(tl.int64)[None, :]  # [1, BLOCKS]
+    b_full_rank = tl.cumsum(m_full.to(tl.int32), axis=1) - 1  # [1, BLOCKS]
+    b_sparse_rank = tl.cumsum(m_sparse.to(tl.int32), axis=1) - 1  # [1, BLOCKS]
+    tl.store(full_ptr + batch_head * num_full + b_full_rank, b_ids, mask=m_full)
+    tl.store(sparse_ptr + batch_head * (num_blocks - num_full) + b_sparse_rank, b_ids, mask=m_sparse)
 
 
 @triton.jit
@@ -162,12 +162,12 @@ def select_context_kernel(
         tl.store(kv_row_ptr + o_target, o_target.to(tl.int64), mask=o_target < first_candidate)
     o_cand = tl.arange(0, CANDIDATES)
     m_cand = o_cand < num_candidates
-    b_saliency = tl.load(saliency_ptr + batch_head * num_candidates + o_cand, mask=m_cand, other=0.0)
+    b_saliency = tl.load(saliency_ptr + batch_head * num_candidates + o_cand, mask=m_cand, other=0.0)  # [CANDIDATES]
     b_keys = tl.where(m_cand, _order_key(b_saliency), _INT32_MIN)[None, :]  # [1, CANDIDATES]
     m_kept = _top_k_mask(b_keys, num_selected)
-    rank = tl.cumsum(m_kept.to(tl.int32), axis=1) - 1
-    b_ids = (first_candidate + o_cand).to(tl.int64)[None, :]
-    tl.store(kv_row_ptr + first_candidate + rank, b_ids, mask=m_kept)
+    b_rank = tl.cumsum(m_kept.to(tl.int32), axis=1) - 1  # [1, CANDIDATES]
+    b_ids = (first_candidate + o_cand).to(tl.int64)[None, :]  # [1, CANDIDATES]
+    tl.store(kv_row_ptr + first_candidate + b_rank, b_ids, mask=m_kept)
     if EXTRA_LAST:
         o_last = tl.arange(0, 1)
         tl.store(kv_row_ptr + num_kv - 1 + o_last, (o_last + num_blocks - 1).to(tl.int64))
@@ -188,9 +188,9 @@ def exact_blocks_kernel(
     o_kv = tl.arange(0, KV)
     m_row = o_row < num_rows
     m_scores = m_row[:, None] & (o_kv < num_kv)[None, :]
-    row_offsets = o_row.to(tl.int64)[:, None]
-    b_scores = tl.load(scores_ptr + row_offsets * num_kv + o_kv[None, :], mask=m_scores, other=0.0)  # [ROWS, KV]
+    o_row_wide = o_row.to(tl.int64)[:, None]  # [ROWS, 1]: row offsets past 2^31 elements
+    b_scores = tl.load(scores_ptr + o_row_wide * num_kv + o_kv[None, :], mask=m_scores, other=0.0)  # [ROWS, KV]
     b_keys = tl.where(m_scores, _order_key(b_scores), _INT32_MIN)
     m_exact = _top_k_mask(b_keys, num_exact) & m_row[:, None]
-    rank = tl.cumsum(m_exact.to(tl.int32), axis=1) - 1
-    tl.store(exact_ptr + row_offsets * num_exact + rank, o_kv.to(tl.int64)[None, :], mask=m_exact)
+    b_rank = tl.cumsum(m_exact.to(tl.int32), axis=1) - 1  # [ROWS, KV]
+    tl.store(exact_ptr + o_row_wide * num_exact + b_rank, o_kv.to(tl.int64)[None, :], mask=m_exact)
