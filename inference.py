@@ -26,7 +26,6 @@ import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "inference.yaml")
-BACKENDS = ("tilelang", "triton", "torch", "dense")
 TRACEBACK_VARIABLE = "LIVEDITOR_TRACEBACK"
 
 
@@ -49,11 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; every option that mirrors a config key overrides it."""
     parser = OneLineParser(
         prog="inference.py",
-        description="Edit a video from a text instruction with LIVEditor-14B (Wan 2.2 A14B + In-Context Sparse Attention).",
+        description="Edit a video from a text instruction with LIVEditor-14B (Wan 2.2 A14B + In-Context Sparse "
+                    "Attention).",
         epilog="Trailing key=value arguments override the config (omegaconf dot-list), e.g. "
                "attention.backend=triton sampler.shift=5.0 video.size=[720,720]. Options given as flags win.",
     )
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: inference.yaml, the real model)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="YAML config (default: inference.yaml, the real model)")
     parser.add_argument("--checkpoint", help="LIVEditor checkpoint (liveditor_ckpt.bin); sets model.checkpoint")
     parser.add_argument("--input", required=True, help="source video (mp4 or anything ffmpeg reads)")
     parser.add_argument("--prompt", required=True, help="the editing instruction")
@@ -61,14 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale; sets sampler.guidance (2.5)")
     parser.add_argument("--steps", type=int, help="sampling steps; sets sampler.steps (32)")
     parser.add_argument("--seed", type=int, help="noise seed; sets sampler.seed (42)")
-    parser.add_argument("--backend", help=f"self-attention: {' | '.join(BACKENDS)}; sets attention.backend")
+    parser.add_argument("--backend", help="self-attention method registered in wanx.attention: dense, an ISA backend "
+                                          "(tilelang, triton, torch) or lvsa (clips beyond 81 frames); "
+                                          "sets attention.backend")
     parser.add_argument("--negative-prompt", help="negative prompt; sets negative_prompt (default: Wan's)")
-    parser.add_argument("--max-frames", type=int, help="read at most this many frames at 16 fps; sets video.max_frames (81)")
+    parser.add_argument("--max-frames", type=int,
+                        help="read at most this many frames at 16 fps; sets video.max_frames (81)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--compare", action="store_true",
                         help="also write <output>_compare.mp4: source (resized, cropped) and edit side by side")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print frames, resolution, token counts, attention FLOPs and a memory estimate; load nothing")
+                        help="print frames, resolution, token counts, attention FLOPs and a memory estimate; "
+                             "load nothing")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
@@ -94,12 +99,13 @@ def visible_text(text: str) -> str:
 
 def check_arguments(args) -> list[str]:
     """Validate what needs no loading; returns the output paths this run will write."""
+    from wanx.attention import attention_names
     from wanx.outputs import OutputError, check_output_paths
 
     if not visible_text(args.prompt):
         raise CliError("the prompt is empty (it has no visible characters)")
-    if args.backend is not None and args.backend not in BACKENDS:
-        raise CliError(f"unknown backend {args.backend!r}: choose one of {', '.join(BACKENDS)}")
+    if args.backend is not None and args.backend not in attention_names():
+        raise CliError(f"unknown backend {args.backend!r}: choose one of {', '.join(attention_names())}")
     if args.checkpoint is not None and not os.path.exists(args.checkpoint):
         raise CliError(f"checkpoint not found: {args.checkpoint!r}")
     if not os.path.exists(args.input):

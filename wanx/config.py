@@ -26,7 +26,11 @@ from typing import Any, Optional
 
 import yaml
 
+from in_context_sparse_attention import BACKEND_NAMES as ISA_BACKENDS
 from in_context_sparse_attention import ISAConfig
+from long_video_sparse_attention import LVSAConfig
+
+from .attention import LVSA_KERNELS, LVSAOptions, attention_names
 
 # Wan 2.2's default negative prompt (`wan/configs/shared_config.py`, `sample_neg_prompt`).
 WAN_NEGATIVE_PROMPT = (
@@ -35,7 +39,6 @@ WAN_NEGATIVE_PROMPT = (
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
-ATTENTION_BACKENDS = ("tilelang", "triton", "torch", "dense")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 MODEL_KINDS = ("wan", "tiny", "random")
 
@@ -67,8 +70,23 @@ class ModelSection:
 
 
 @dataclass
+class LVSASection:
+    """Long-Video Sparse Attention (backend "lvsa"), counted in latent frames; the fields mirror
+    `LVSAConfig`, whose defaults they take, plus the kernel that computes the pattern."""
+
+    window: int = LVSAConfig.window
+    first_frames: int = LVSAConfig.first_frames
+    reference_frames: int = LVSAConfig.reference_frames
+    sparsity_scale: float = LVSAConfig.sparsity_scale
+    keyframe_interval: Optional[int] = LVSAConfig.keyframe_interval  # null: picked from the clip's length
+    rotate: bool = LVSAConfig.rotate
+    expand_window: bool = LVSAConfig.expand_window
+    kernel: str = "auto"  # auto (flex on CUDA, torch elsewhere) | flex | torch
+
+
+@dataclass
 class AttentionSection:
-    """Self-attention kernel: "dense" or an ISA backend, and ISA's hyper-parameters."""
+    """Self-attention method ("dense", an ISA backend or "lvsa"), ISA's hyper-parameters and LVSA's."""
 
     backend: str = "tilelang"
     # ISA's hyper-parameters default to ISAConfig's own, so the two cannot drift apart
@@ -77,6 +95,7 @@ class AttentionSection:
     sparsity: float = ISAConfig.sparsity
     sharpness_ratio: float = ISAConfig.sharpness_ratio
     flat_ratio: float = ISAConfig.flat_ratio
+    lvsa: LVSASection = field(default_factory=LVSASection)
 
 
 @dataclass
@@ -152,8 +171,8 @@ def _yaml12_scalars(loader: type) -> None:
     }
     loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                  list("tTfF"))
-    loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                                 list("-+0123456789"))
+    loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 _yaml12_scalars(_StrictLoader)
@@ -330,8 +349,8 @@ def validate_config(cfg) -> None:
         (m.dtype in DTYPE_NAMES, f"model.dtype must be one of {DTYPE_NAMES}, got {m.dtype!r}"),
         (m.vae_dtype in DTYPE_NAMES, f"model.vae_dtype must be one of {DTYPE_NAMES}, got {m.vae_dtype!r}"),
         (0 <= m.seed <= MAX_SEED, f"model.seed must be in [0, 2**64 - 1], got {m.seed}"),
-        (a.backend in ATTENTION_BACKENDS,
-         f"unknown attention backend {a.backend!r}: choose one of {', '.join(ATTENTION_BACKENDS)}"),
+        (a.backend in attention_names(),
+         f"unknown attention backend {a.backend!r}: choose one of {', '.join(attention_names())}"),
         (1 <= s.num_train_timesteps <= 100_000,
          f"sampler.num_train_timesteps must be in [1, 100000], got {s.num_train_timesteps}"),
         (1 <= s.steps <= min(MAX_STEPS, s.num_train_timesteps),
@@ -342,7 +361,8 @@ def validate_config(cfg) -> None:
         (1 <= v.max_frames <= MAX_FRAMES, f"video.max_frames must be in [1, {MAX_FRAMES}], got {v.max_frames}"),
         (_in_range(v.fps, *FPS_RANGE), f"video.fps must be a number in [{FPS_RANGE[0]:g}, {FPS_RANGE[1]:g}], "
                                        f"got {v.fps}"),
-        (_in_range(v.bucket_scale, 0.01, 4.0), f"video.bucket_scale must be a number in [0.01, 4], got {v.bucket_scale}"),
+        (_in_range(v.bucket_scale, 0.01, 4.0),
+         f"video.bucket_scale must be a number in [0.01, 4], got {v.bucket_scale}"),
         (DEVICE_PATTERN.fullmatch(cfg.device) is not None,
          f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}"),
     ]
@@ -358,6 +378,7 @@ def validate_config(cfg) -> None:
         raise ConfigError(f"video.size must be [height, width], multiples of 16 in [16, {MAX_WORKING_SIDE}], "
                           f"got {list(size)}")
     isa_config(cfg)
+    lvsa_options(cfg)
 
 
 def isa_config(cfg) -> ISAConfig:
@@ -368,3 +389,29 @@ def isa_config(cfg) -> ISAConfig:
                          sharpness_ratio=a.sharpness_ratio, flat_ratio=a.flat_ratio)
     except ValueError as exc:
         raise ConfigError(f"attention: {one_line(exc)}") from exc
+
+
+def lvsa_options(cfg) -> LVSAOptions:
+    """The LVSAOptions (LVSAConfig and kernel) of `cfg.attention.lvsa` (raises ConfigError when out of range)."""
+    section = cfg.attention.lvsa
+    if section.kernel not in LVSA_KERNELS:
+        raise ConfigError(f"attention.lvsa.kernel must be one of {', '.join(LVSA_KERNELS)}, got {section.kernel!r}")
+    try:
+        config = LVSAConfig(window=section.window, first_frames=section.first_frames,
+                            reference_frames=section.reference_frames, sparsity_scale=section.sparsity_scale,
+                            keyframe_interval=section.keyframe_interval, rotate=section.rotate,
+                            expand_window=section.expand_window)
+    except ValueError as exc:
+        raise ConfigError(f"attention.lvsa: {one_line(exc)}") from exc
+    return LVSAOptions(config=config, kernel=section.kernel)
+
+
+def attention_options(cfg):
+    """The options `cfg.attention.backend` is built with (`wanx.attention.make_attention`): an ISAConfig
+    for an ISA backend, an LVSAOptions for "lvsa", None for "dense" and any other registered method."""
+    backend = cfg.attention.backend
+    if backend in ISA_BACKENDS:
+        return isa_config(cfg)
+    if backend == "lvsa":
+        return lvsa_options(cfg)
+    return None
