@@ -1,18 +1,30 @@
 """What an edit will cost, worked out before anything loads: shapes, token counts, the
-self-attention FLOPs of the chosen method against dense, ISA's block counts and a GPU memory
-estimate (`make_plan`)."""
+self-attention FLOPs of the chosen method against dense, ISA's block counts or LVSA's frame
+pattern, a GPU memory estimate and warnings (`make_plan`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from in_context_sparse_attention import ISAConfig
 from in_context_sparse_attention.layout import BlockLayout
+from long_video_sparse_attention import (
+    LVSAConfig,
+    attended_fraction,
+    keyframe_interval,
+    keyframe_offset,
+    lvsa_frame_mask,
+)
 
+from .attention import LVSAOptions, lvsa_kernel
 from .components import DTYPES
-from .config import ConfigError, isa_config
+from .config import ConfigError, attention_options
+
+TRAINING_FRAMES = 81  # the clip length Wan 2.2 and LIVEditor were trained on: 81 video frames = 21 latent frames
+LONG_VIDEO_ADVICE = f"beyond the {TRAINING_FRAMES}-frame training length; consider attention.backend=lvsa"
 
 if TYPE_CHECKING:
     from .pipeline import SourceVideo
@@ -50,7 +62,8 @@ def attention_flops(seq_len: int, target_len: int, heads: int, head_dim: int,
     kept_tokens = layout.num_kv_tokens(config.select_ratio)
     compressed = 4.0 * nb * nb * head_dim
     full = 4.0 * n_full * b * kept_tokens * head_dim
-    sparse = (nb - n_full) * (2.0 * nkv * head_dim + 4.0 * b * b * exact * head_dim + 4.0 * b * (nkv - exact) * head_dim)
+    per_query_block = 2.0 * nkv * head_dim + 4.0 * b * b * exact * head_dim + 4.0 * b * (nkv - exact) * head_dim
+    sparse = (nb - n_full) * per_query_block
     return heads * (compressed + full + sparse)
 
 
@@ -78,6 +91,9 @@ class EditPlan:
     flops_run: float  # the same with the configured backend
     isa_stats: dict[str, Any]
     memory: dict[str, float]  # GiB: weights and activation estimates
+    lvsa: Optional[LVSAOptions] = None  # backend "lvsa": its pattern and kernel
+    lvsa_stats: dict[str, Any] = field(default_factory=dict)  # `lvsa_statistics`, plus "kernel" as it will run
+    warnings: list[str] = field(default_factory=list)  # one line each, printed with the plan
 
     @property
     def seq_len(self) -> int:
@@ -102,14 +118,52 @@ def isa_statistics(seq_len: int, target_len: int, config: ISAConfig) -> dict[str
     }
 
 
+def lvsa_statistics(num_frames: int, steps: int, config: LVSAConfig) -> dict[str, Any]:
+    """LVSA's frame pattern over a run of `steps` denoising steps on `num_frames` latent frames.
+
+    Step s uses the keyframe offset s mod kfi (0 without rotation), so the run's masks are
+    the masks of its distinct offsets, each weighted by its number of steps; every frame
+    has the same number of tokens, so a mask's attended share of token pairs is its mean.
+
+    Returns:
+        {"frames": F, "interval": kfi, "automatic": kfi picked from F, "attended_min" /
+        "attended_max": key frames per query frame over all rows of all the run's masks,
+        "share_step0": the attended share at step 0, "share": the attended share averaged
+        over the run's steps (self-attention FLOPs against dense), "dense": share == 1}.
+    """
+    offsets = Counter(keyframe_offset(num_frames, step, config) for step in range(steps))
+    masks = {offset: lvsa_frame_mask(num_frames, offset, config) for offset in offsets}
+    per_row = torch.cat([mask.sum(dim=1) for mask in masks.values()])
+    share = sum(count * attended_fraction(masks[offset]) for offset, count in offsets.items()) / steps
+    return {
+        "frames": num_frames,
+        "interval": keyframe_interval(num_frames, config),
+        "automatic": config.keyframe_interval is None,
+        "attended_min": int(per_row.min()),
+        "attended_max": int(per_row.max()),
+        "share_step0": attended_fraction(lvsa_frame_mask(num_frames, 0, config)),
+        "share": share,
+        "dense": share == 1.0,
+    }
+
+
+def _planned_device_type(cfg) -> str:
+    """"cuda" or "cpu": where the run will go, from `cfg.device` (no device is checked or touched)."""
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(cfg.device).type
+
+
 def _meta_parameter_counts(cfg) -> dict[str, Any]:
     """Parameter counts of the three networks, built on the meta device (no memory, no files)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     from model import TINY_CONFIG, WanDiT
 
-    from .t5 import TINY_CONFIG as T5_TINY, UMT5_XXL_CONFIG
-    from .vae import TINY_CONFIG as VAE_TINY, build_meta_vae
+    from .t5 import TINY_CONFIG as T5_TINY
+    from .t5 import UMT5_XXL_CONFIG
+    from .vae import TINY_CONFIG as VAE_TINY
+    from .vae import build_meta_vae
 
     tiny = cfg.model.kind == "tiny"  # "random" has the real sizes
     with torch.device("meta"):
@@ -141,13 +195,23 @@ def make_plan(cfg, source: "SourceVideo") -> EditPlan:
     heads, dim, layers = dit_cfg["num_heads"], dit_cfg["dim"], dit_cfg["num_layers"]
     head_dim = dim // heads
     backend = cfg.attention.backend
-    isa = None if backend == "dense" else isa_config(cfg)
+    options = attention_options(cfg)
+    isa = options if isinstance(options, ISAConfig) else None
+    lvsa = options if isinstance(options, LVSAOptions) else None
     batch = 1 if cfg.sampler.guidance == 1.0 else 2
     seq = 2 * tokens
     forwards = cfg.sampler.steps * batch * layers
     flops_dense = forwards * attention_flops(seq, tokens, heads, head_dim, None)
     flops_run = forwards * attention_flops(seq, tokens, heads, head_dim, isa)
-    stats = isa_statistics(seq, tokens, isa or ISAConfig()) if isa is not None else {}
+    stats = isa_statistics(seq, tokens, isa) if isa is not None else {}
+    lvsa_stats: dict[str, Any] = {}
+    if lvsa is not None:
+        lvsa_stats = lvsa_statistics(latent[1] // pt, cfg.sampler.steps, lvsa.config)
+        lvsa_stats["kernel"] = lvsa_kernel(lvsa.kernel, torch.device(_planned_device_type(cfg)))
+        flops_run = flops_dense * lvsa_stats["share"]  # attended token pairs; partial tiles cost a few % more
+    warnings = []
+    if frames > TRAINING_FRAMES and (isa is not None or backend == "dense"):
+        warnings.append(f"{frames} frames ({latent[1]} latent) with {backend!r} attention: {LONG_VIDEO_ADVICE}")
 
     gib = 2.0 ** 30
     weight_bytes = DTYPES[cfg.model.dtype].itemsize
@@ -172,5 +236,5 @@ def make_plan(cfg, source: "SourceVideo") -> EditPlan:
         size=(height, width), latent_shape=latent, target_tokens=tokens, source_tokens=tokens,
         text_len=dit_cfg["text_len"], batch=batch, steps=cfg.sampler.steps, num_layers=layers,
         heads=heads, head_dim=head_dim, backend=backend, isa=isa, flops_dense=flops_dense,
-        flops_run=flops_run, isa_stats=stats, memory=memory,
+        flops_run=flops_run, isa_stats=stats, memory=memory, lvsa=lvsa, lvsa_stats=lvsa_stats, warnings=warnings,
     )

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from long_video_sparse_attention import render_frame_mask
+
 from .planning import EditPlan
 
 if TYPE_CHECKING:
@@ -15,6 +17,47 @@ def _gflops(x: float) -> str:
 
 def _size(gib: float) -> str:
     return f"{gib:.1f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
+
+
+MASK_ROWS_SHOWN = 24  # a frame mask of more query frames is shown by a few representative rows
+
+
+def mask_picture(plan: EditPlan) -> list[str]:
+    """LVSA's step-0 frame mask, one row per query frame and one character per key frame
+    (`render_frame_mask`); beyond `MASK_ROWS_SHOWN` frames, the first two rows, two in the
+    middle and the last two, with "..." where rows are left out."""
+    rows = render_frame_mask(plan.lvsa_stats["frames"], 0, plan.lvsa.config).splitlines()
+    if len(rows) <= MASK_ROWS_SHOWN:
+        return rows
+    n = len(rows)
+    shown = sorted({0, 1, n // 2 - 1, n // 2, n - 2, n - 1})
+    lines = []
+    for previous, index in zip([-1, *shown], shown):
+        if index > previous + 1:
+            lines.append("...")
+        lines.append(rows[index])
+    return lines
+
+
+def _lvsa_lines(plan: EditPlan) -> list[str]:
+    s = plan.lvsa_stats
+    config = plan.lvsa.config
+    kernel = s["kernel"] if plan.lvsa.kernel != "auto" else f"{s['kernel']}, picked by auto"
+    lines = [f"attention   LVSA (kernel {kernel}): {_gflops(plan.flops_run)} vs dense {_gflops(plan.flops_dense)} "
+             f"({plan.flops_dense / plan.flops_run:.2f}x fewer; attended share {s['share']:.3f} averaged over "
+             f"the {plan.steps} steps' masks, {s['share_step0']:.3f} at step 0)"]
+    attended = (f"{s['attended_min']}" if s["attended_min"] == s["attended_max"]
+                else f"{s['attended_min']} to {s['attended_max']}")
+    lines.append(f"LVSA        {s['frames']} latent frames, keyframe interval {s['interval']} "
+                 f"({'automatic' if s['automatic'] else 'configured'}), window {config.window}, "
+                 f"{config.first_frames} first frame(s); each query frame attends to {attended} of "
+                 f"{s['frames']} frames{', rotating with the step' if config.rotate and s['interval'] > 1 else ''}")
+    if s["dense"]:
+        lines.append(f"LVSA mask   dense: every frame is an anchor at {s['frames']} latent frames")
+    else:
+        lines.append("LVSA mask   step 0; row: query frame, column: key frame; A anchor, w window, . skipped; count")
+        lines += [f"            {row}" for row in mask_picture(plan)]
+    return lines
 
 
 def format_plan(plan: EditPlan) -> str:
@@ -30,25 +73,30 @@ def format_plan(plan: EditPlan) -> str:
         f"DiT         {plan.num_layers} layers, {plan.heads} heads x {plan.head_dim}; {plan.steps} steps x batch "
         f"{plan.batch} ({'CFG' if plan.batch == 2 else 'no CFG'})",
     ]
-    if plan.isa is None:
-        lines.append(f"attention   dense: {_gflops(plan.flops_dense)} of self-attention")
+    if plan.lvsa is not None:
+        lines += _lvsa_lines(plan)
+    elif plan.isa is None:
+        counted = "" if plan.backend == "dense" else " (counted as dense)"
+        lines.append(f"attention   {plan.backend}: {_gflops(plan.flops_dense)} of self-attention{counted}")
     else:
         s = plan.isa_stats
-        lines.append(f"attention   ISA ({plan.backend}): {_gflops(plan.flops_run)} vs dense {_gflops(plan.flops_dense)} "
-                     f"({plan.flops_dense / plan.flops_run:.2f}x fewer)")
+        lines.append(f"attention   ISA ({plan.backend}): {_gflops(plan.flops_run)} vs dense "
+                     f"{_gflops(plan.flops_dense)} ({plan.flops_dense / plan.flops_run:.2f}x fewer)")
         lines.append(f"ISA blocks  {s['blocks']} blocks of {plan.isa.block_size}; {s['full_query_blocks']} "
                      f"({s['full_query_share']:.0%}) query blocks on full attention; {s['source_kept']} of "
                      f"{s['source_candidates']} ({s['source_kept_share']:.1%}) source blocks kept; "
                      f"{s['kv_blocks']} key blocks, {s['exact_blocks']} exact per sparse query block")
     m = {name: _size(gib) for name, gib in plan.memory.items()}
-    lines.append(f"memory      about {m['peak_estimate']} on the device: DiT weights {m['dit_weights']} + VAE weights {m['vae_weights']} "
+    lines.append(f"memory      about {m['peak_estimate']} on the device: DiT weights {m['dit_weights']} + "
+                 f"VAE weights {m['vae_weights']} "
                  f"+ DiT activations {m['dit_activations']}; umT5 weights {m['text_encoder_weights']} "
                  "(freed from the GPU after encoding when offload_text_encoder); VAE work space not included")
+    lines += [f"warning     {warning}" for warning in plan.warnings]
     return "\n".join(lines)
 
 
 def format_summary(result: "EditResult", outputs: list[str]) -> str:
-    """The closing summary: outputs, time per stage, attention backend and ISA statistics."""
+    """The closing summary: outputs, time per stage, the attention method and its statistics (ISA, LVSA)."""
     t = result.timings
     plan = result.plan
     total = sum(t.values())
@@ -58,8 +106,16 @@ def format_summary(result: "EditResult", outputs: list[str]) -> str:
              f"video       {result.video.shape[0]} frames, {result.video.shape[2]}x{result.video.shape[1]}, "
              f"{result.fps:g} fps",
              f"time        {total:.1f}s: {stages} ({per_step:.2f}s per step)"]
-    if result.backend == "dense":
-        lines.append(f"attention   dense on {result.dense_kernel}")
+    if result.backend != plan.backend:  # the DiT's method was switched after planning: no statistics for it
+        lines.append(f"attention   {result.backend}")
+    elif plan.lvsa is not None:
+        s = plan.lvsa_stats
+        lines.append(f"attention   LVSA, {s['kernel']} kernel; {s['frames']} latent frames, keyframe interval "
+                     f"{s['interval']}; {plan.flops_dense / plan.flops_run:.2f}x fewer self-attention FLOPs than "
+                     f"dense (attended share {s['share']:.3f})")
+    elif plan.isa is None:
+        kernel = f" on {result.dense_kernel}" if result.backend == "dense" else ""
+        lines.append(f"attention   {result.backend}{kernel}")
     else:
         s = plan.isa_stats
         lines.append(f"attention   ISA, {result.backend} backend (full-attention part on {result.dense_kernel}); "
