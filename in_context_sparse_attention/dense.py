@@ -1,6 +1,6 @@
 """Dense attention on the best kernel present: FlashAttention-3, else FlashAttention-2,
-else PyTorch SDPA with its cuDNN kernel first (on an H100 at 65k tokens cuDNN runs at
-about 620 TFLOP/s, SDPA's own flash kernel at about 350), then flash, efficient, math.
+else PyTorch SDPA with its cuDNN kernel first (on an H100 well ahead of SDPA's own flash
+kernel: docs/benchmarks.md), then flash, efficient, math.
 
 FlashAttention-3 is found under either of its import names: `flash_attn_interface` (the
 full build from the flash-attention repository's `hopper/` directory) or

@@ -1,4 +1,4 @@
-"""Block-level decisions of ISA, shared by every backend (SPEC section 2, steps 2-5).
+"""Block-level decisions of ISA, shared by every backend (docs/isa.md, steps 2-5).
 
 All of them work on pooled blocks (NB = S / 64 of them), so they are small: plain PyTorch.
 """

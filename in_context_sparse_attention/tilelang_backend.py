@@ -21,10 +21,9 @@ from .selection import ISAPlan
 from .triton_block_copies import gather_blocks, scatter_blocks
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
-# One warpgroup per program and several programs per SM, with cp.async loads: on the H100
-# at 65,536 tokens this ran the sparse kernel in 5.5 ms, against 8.3 ms for tilelang's
-# default warp-specialised producer/consumer split, which takes 240 registers a thread
-# and so fits one program per SM.
+# One warpgroup per program and several programs per SM, with cp.async loads, rather than
+# tilelang's default warp-specialised producer/consumer split, which takes 240 registers a
+# thread and so fits one program per SM: the sparse kernel runs faster so (docs/benchmarks.md).
 _PASS_CONFIGS = {"tl.disable_warp_specialized": True}
 
 

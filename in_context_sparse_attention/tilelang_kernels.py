@@ -74,7 +74,7 @@ def build_sparse_attention(
     block mean.
     Each row written also gets ISA's residual Gate[b, t] * Shortcut[b, h, block] (formed
     in fp32, rounded once; a zero gate when there is none), saving a pass over the output.
-    On the H100 at 65,536 tokens one block per tile (5.46 ms) beat two (5.90 ms).
+    One block per tile (the default) ran faster than two on the H100 (docs/benchmarks.md).
 
     Kernel arguments:
         Q, K, V: [B, S, H, D] `dtype`.

@@ -14,9 +14,8 @@ import triton
 
 from .residual import GatedShortcut
 
-# Warps per program of the memory-bound kernels (pooling, block copies), each of
-# which moves one [b, D] tile. H100, 65,536 tokens, bf16: pooling 0.242 / 0.246 / 0.289 /
-# 0.411 ms per tensor with 1 / 2 / 4 / 8 warps.
+# Warps per program of the memory-bound kernels (pooling, block copies), each of which
+# moves one [b, D] tile; 2 measured fastest (docs/benchmarks.md, "Measurements behind the code").
 COPY_WARPS = 2
 
 

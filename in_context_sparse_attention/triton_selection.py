@@ -1,7 +1,7 @@
 """ISA's block-level steps 2-5 with Triton kernels for the top-k selections.
 
 `make_plan` returns the same `ISAPlan` as `selection.make_plan`: only the sorts are
-replaced (segmented sorts were ~2.1 of 3.7 ms at 65,536 tokens on an H100). Every value
+replaced (segmented sorts took most of its GPU time: docs/benchmarks.md). Every value
 that a selection compares (P, saliency, sharpness, block scores) comes from the very same
 PyTorch calls on the same operands as there, so it is bit-identical: the plans can only
 differ where two values are exactly equal (ties, broken either way, except the stable

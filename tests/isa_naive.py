@@ -1,4 +1,4 @@
-"""An independent, deliberately naive float64 ISA written straight from SPEC section 2.
+"""An independent, deliberately naive float64 ISA written straight from the steps of docs/isa.md.
 
 It loops over batches, heads, blocks and query rows and shares no code with the package,
 so that the "torch" backend (and through it every kernel) is checked against the text of
