@@ -1,6 +1,7 @@
 """The public entry point: `editing_sparse_attention`."""
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -58,8 +59,17 @@ def _check_inputs(q, k, v, t_seq_len, s_seq_len, alpha, config) -> None:
             shape = None
         if shape != target:
             raise ValueError(f"alpha must be broadcastable to [B, S, 1, 1] = {list(target)}, got shape {tuple(alpha.shape)}")
-    elif alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
-        raise TypeError(f"alpha must be None, a float or a tensor broadcastable to [B, S, 1, 1], got {type(alpha).__name__}")
+    elif alpha is not None:
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+            raise TypeError(
+                f"alpha must be None, a float or a tensor broadcastable to [B, S, 1, 1], got {type(alpha).__name__}"
+            )
+        try:
+            finite = math.isfinite(alpha)
+        except OverflowError:  # an int beyond any float
+            finite = False
+        if not finite:
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
 
 
 def editing_sparse_attention(
@@ -78,8 +88,10 @@ def editing_sparse_attention(
         q, k, v: [B, S, H, D] with S = t_seq_len + s_seq_len, target tokens first.
         t_seq_len: T, the number of (noisy) target tokens.
         s_seq_len: C, the number of (clean) source tokens.
-        alpha: residual gate: None (no residual), a float, or a tensor broadcastable to
-            [B, S, 1, 1]; each token i gets alpha_i * Oc[block(i)] added to its output.
+        alpha: residual gate: None (no residual), a finite float, or a tensor broadcastable
+            to [B, S, 1, 1]; each token i gets alpha_i * Oc[block(i)] added to its output.
+            A tensor's values are not checked (that would make the host wait for the GPU
+            on every call): a non-finite value gives its tokens non-finite outputs.
         config: hyper-parameters (`ISAConfig`).
         backend: "torch" (pure PyTorch, any device), "triton" or "tilelang" (CUDA kernels;
             "triton" also runs on CPU tensors under TRITON_INTERPRET=1).

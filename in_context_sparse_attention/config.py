@@ -3,13 +3,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Largest block size accepted: far above any useful block (the paper uses 64, the kernels
+# at most 128), low enough that a mistyped size fails here rather than as one block
+# padded to millions of rows.
+MAX_BLOCK_SIZE = 4096
+
 
 @dataclass(frozen=True)
 class ISAConfig:
     """ISA hyper-parameters (defaults are the paper's).
 
     Attributes:
-        block_size: tokens per block of the global grid laid from token 0 (b).
+        block_size: tokens per block of the global grid laid from token 0 (b), 1 to
+            MAX_BLOCK_SIZE (4096); each backend runs a few of these (`ISABackend.block_sizes`).
         select_ratio: share of the candidate source blocks kept by context pre-selection
             ("SRR"): K_ctx = floor(n_candidates * select_ratio).
         sparsity: share of the pruned key/value blocks attended exactly by each diffuse
@@ -29,8 +35,9 @@ class ISAConfig:
     flat_ratio: float = 0.5
 
     def __post_init__(self):
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"ISAConfig.block_size must be a positive int, got {self.block_size!r}")
+        size = self.block_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"ISAConfig.block_size must be a positive int at most {MAX_BLOCK_SIZE}, got {size!r}")
         for name in ("select_ratio", "sparsity", "sharpness_ratio", "flat_ratio"):
             value = getattr(self, name)
             zero_allowed = name == "flat_ratio"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import math
 import re
 from pathlib import Path
 
@@ -73,6 +74,23 @@ def test_config_ratios_out_of_range(field, value, interval):
 def test_config_block_size(block_size):
     with pytest.raises(ValueError, match="ISAConfig.block_size must be a positive int"):
         ISAConfig(block_size=block_size)
+
+
+@pytest.mark.parametrize("block_size", [4097, 10**9])
+def test_config_block_size_has_an_upper_bound(block_size):
+    with pytest.raises(ValueError, match=rf"ISAConfig.block_size must be a positive int at most 4096, got {block_size}"):
+        ISAConfig(block_size=block_size)
+
+
+@pytest.mark.parametrize("block_size", [1, 64, 4096])
+def test_config_block_size_within_the_bound(block_size):
+    assert ISAConfig(block_size=block_size).block_size == block_size
+
+
+@pytest.mark.parametrize("alpha", [math.nan, math.inf, -math.inf, 10**400], ids=["nan", "inf", "-inf", "10**400"])
+def test_non_finite_alpha_is_refused(alpha):
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        _call(alpha=alpha)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for CPU tensors on a machine without CUDA")
