@@ -12,6 +12,12 @@ source with the Wan VAE; sample the target latent from seeded noise with Flow-Un
 classifier-free guidance (cond and uncond in one batch of 2 per step, sharing one source
 latent); decode and return uint8 frames.
 
+Under torchrun, `load(cfg, parallel=context)` (`wanx.parallel.ParallelContext`) spreads the DiT
+over the processes: Ulysses sequence parallelism, FSDP2 weight sharding, and with cfg_degree 2 the
+ranks of cfg index 0 compute cond and those of index 1 uncond (a batch of 1 each), exchanging the
+predictions every step so that every rank integrates the same latent. Each stage runs under
+`context.stage`, so a failure on one rank stops all of them with the same one-line error.
+
 The configuration (`wanx.config`) is checked whole before anything here runs.
 """
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 
 from .components import DTYPES, load_components
 from .config import ConfigError
+from .parallel import ParallelContext, parallelize
 from .planning import EditPlan, make_plan, working_size
 
 
@@ -130,31 +137,39 @@ class EditingPipeline:
     Build it with `load(cfg)`; `edit(source, prompt)` runs one edit.
     """
 
-    def __init__(self, cfg, text_encoder, vae, dit, device: torch.device, load_seconds: float = 0.0):
+    def __init__(self, cfg, text_encoder, vae, dit, device: torch.device, load_seconds: float = 0.0,
+                 parallel: Optional[ParallelContext] = None):
         self.cfg = cfg
         self.text_encoder = text_encoder
         self.vae = vae
         self.dit = dit
         self.device = device
         self.load_seconds = load_seconds
+        self.parallel = ParallelContext() if parallel is None else parallel
 
     @classmethod
-    def load(cls, cfg, progress: bool = True) -> "EditingPipeline":
+    def load(cls, cfg, progress: bool = True, parallel: Optional[ParallelContext] = None) -> "EditingPipeline":
         """Load (or, for kinds "tiny" and "random", build) the three networks onto the configured device.
+
+        With a multi-process `parallel` context, every rank loads them, then the DiT is parallelised
+        (`wanx.parallel.parallelize`); only rank 0 shows progress.
 
         Raises:
             ConfigError: missing weight files, an attention backend that cannot run here,
                 or components that do not fit together.
             wanx.dit_loader.CheckpointError: a weight file that cannot be loaded.
+            wanx.parallel.ParallelError: (several processes) any failure, on every rank.
         """
+        parallel = ParallelContext() if parallel is None else parallel
         start = time.perf_counter()
-        with _progress(progress, total=3, desc="loading", unit="model") as bar:
+        with parallel.stage("loading"), _progress(progress and parallel.is_main, total=3, desc="loading",
+                                                  unit="model") as bar:
             text_encoder, vae, dit, device = load_components(cfg, on_component=bar.set_postfix_str,
                                                              on_loaded=bar.update)
-        return cls(cfg, text_encoder, vae, dit, device, time.perf_counter() - start)
+            parallelize(dit, parallel)
+        return cls(cfg, text_encoder, vae, dit, device, time.perf_counter() - start, parallel)
 
-    def _encode_text(self, prompt: str, negative_prompt: str, cfg_batch: bool) -> list[torch.Tensor]:
-        prompts = [prompt, negative_prompt] if cfg_batch else [prompt]
+    def _encode_text(self, prompts: list[str]) -> list[torch.Tensor]:
         context = self.text_encoder.encode(prompts)
         if self.cfg.offload_text_encoder and self.device.type == "cuda":
             self.text_encoder.offload()
@@ -180,7 +195,11 @@ class EditingPipeline:
             source: from `read_source`.
             prompt: the editing instruction (must not be empty).
             negative_prompt: None for `cfg.negative_prompt` (Wan's by default).
-            progress: show tqdm bars on stderr.
+            progress: show tqdm bars on stderr (rank 0 only, under torchrun).
+        Raises:
+            ConfigError: an empty prompt; cfg_degree 2 without guidance (nothing to split).
+            NonFiniteError: a stage produced NaN or Inf.
+            wanx.parallel.ParallelError: (several processes) any failure, on every rank.
         """
         from scheduler import FlowUniPCSampler
 
@@ -196,14 +215,23 @@ class EditingPipeline:
         stage = _StageClock(self.device, timings, peaks)
         guidance = float(cfg.sampler.guidance)
         cfg_batch = plan.batch == 2
+        parallel = self.parallel
+        cfg_split = parallel.cfg_degree == 2  # this rank computes cond (cfg rank 0) or uncond (1), batch 1
+        if cfg_split and not cfg_batch:
+            raise ConfigError("parallel.cfg_degree 2 needs classifier-free guidance (sampler.guidance != 1)")
+        progress = progress and parallel.is_main
+        prompts = [prompt, negative_prompt] if cfg_batch else [prompt]
+        if cfg_split:
+            prompts = prompts[parallel.cfg_rank:parallel.cfg_rank + 1]
+        dit_batch = len(prompts)
 
         video = source.video.unsqueeze(0)  # [1, 3, F, H, W]
-        with stage("text"):
-            context = self._encode_text(prompt, negative_prompt, cfg_batch)
+        with stage("text"), parallel.stage("text encoding"):
+            context = self._encode_text(prompts)
             for features in context:
                 require_finite(features, "the text encoder's output")
 
-        with stage("vae_encode"):
+        with stage("vae_encode"), parallel.stage("VAE encoding"):
             source_latent = self.vae.encode(video).to(self.device)  # [1, 16, F', H/8, W/8] fp32
             require_finite(source_latent, "the VAE's encoding of the source video")
 
@@ -214,9 +242,10 @@ class EditingPipeline:
         steps_done = [0]
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            batch = x.expand(plan.batch, -1, -1, -1, -1)
-            timestep = t.to(self.device).expand(plan.batch)
+            batch = x.expand(dit_batch, -1, -1, -1, -1)
+            timestep = t.to(self.device).expand(dit_batch)
             flow = self.dit(batch, source_latent, timestep, context, step=steps_done[0]).float()
+            flow = parallel.gather_cfg(flow)  # cfg_degree 2: [cond, uncond] from the two cfg ranks
             require_finite(flow, f"the DiT's prediction at denoising step {steps_done[0] + 1} of {sampler.num_steps}")
             if not cfg_batch:
                 return flow
@@ -233,13 +262,15 @@ class EditingPipeline:
             steps_done[0] += 1
             bar.update()
 
-        with stage("denoise"), _progress(progress, total=sampler.num_steps, desc="denoising", unit="step") as bar:
+        with stage("denoise"), parallel.stage("denoising"), _progress(progress, total=sampler.num_steps,
+                                                                      desc="denoising", unit="step") as bar:
             step_start[0] = time.perf_counter()
             latent = sampler.sample(velocity, noise, callback=step_done)
             require_finite(latent, "the denoised latent")
 
-        with stage("vae_decode"), _progress(progress, total=None if cfg.video.vae_tiling else plan.latent_shape[1],
-                                            desc="decoding", unit="frame") as bar:
+        with stage("vae_decode"), parallel.stage("VAE decoding"), _progress(
+                progress, total=None if cfg.video.vae_tiling else plan.latent_shape[1], desc="decoding",
+                unit="frame") as bar:
             hook = self._observe_decoder(bar)
             try:
                 decoded = self.vae.decode(latent)
