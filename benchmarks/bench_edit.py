@@ -58,11 +58,13 @@ def versions() -> dict:
     return found
 
 
-def run_method(pipe, source, method: str, isa, prompt: str, folder: str, monitor) -> dict:
-    """One edit with `method`; seconds and peak memory per stage."""
+def run_method(pipe, source, method: str, prompt: str, folder: str, monitor) -> dict:
+    """One edit with `method` (its options from the pipeline's config); seconds and peak memory per stage."""
+    from wanx.config import attention_options
     from wanx.video import encode_video
 
-    pipe.dit.set_attention(method, None if method == "dense" else isa)
+    pipe.cfg.attention.backend = method
+    pipe.dit.set_attention(method, attention_options(pipe.cfg))
     if pipe.device.type == "cuda":
         torch.cuda.empty_cache()
     started = monitor.now() if monitor else None
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             results = []
             for method in methods:
                 print(f"{method}: editing ({args.steps} steps)...", flush=True)
-                results.append(run_method(pipe, source, method, isa, args.prompt, folder, monitor))
+                results.append(run_method(pipe, source, method, args.prompt, folder, monitor))
                 r = results[-1]
                 print(f"{method}: step median {r['step_median_s']:.2f} s, stages "
                       + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_s"].items()), flush=True)
