@@ -34,13 +34,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the package
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder, for gpu_monitor
 
-from in_context_sparse_attention import BACKEND_NAMES, ISAConfig, editing_sparse_attention  # noqa: E402
-from in_context_sparse_attention.backends import get_backend  # noqa: E402
-from in_context_sparse_attention.dense import dense_attention, dense_kernel_name  # noqa: E402
-from in_context_sparse_attention import full_attention  # noqa: E402
-from in_context_sparse_attention.layout import BlockLayout  # noqa: E402
-from in_context_sparse_attention.residual import GatedShortcut, add_residual  # noqa: E402
-from gpu_monitor import GpuMonitor, describe  # noqa: E402
+from in_context_sparse_attention import BACKEND_NAMES, ISAConfig, editing_sparse_attention, full_attention
+from in_context_sparse_attention.backends import get_backend
+from in_context_sparse_attention.dense import dense_attention, dense_kernel_name
+from in_context_sparse_attention.layout import BlockLayout
+from in_context_sparse_attention.residual import GatedShortcut, add_residual
+
+from gpu_monitor import GpuMonitor, describe
 
 DENSE_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION}
 FLASH_ATTENTION_3 = "flash_attn_3"  # the dense baseline's name when FlashAttention-3 is installed
@@ -194,7 +194,8 @@ def stage_breakdown(q, k, v, t_len: int, c_len: int, backend: str, config: ISACo
     num_kv_tokens = layout.real_tokens_in(plan.kv_blocks.shape[-1])
     q_rows = gather(q, plan.full_query_blocks, layout.block_size, plan.full_query_blocks.shape[-1] * layout.block_size)
     k_rows, v_rows = (gather(x, plan.kv_blocks, layout.block_size, num_kv_tokens) for x in (k, v))
-    result["of which dense kernel alone"] = median_ms(lambda: dense_attention(q_rows, k_rows, v_rows, layout="bhsd"), 50, 300)
+    dense_alone = functools.partial(dense_attention, q_rows, k_rows, v_rows, layout="bhsd")
+    result["of which dense kernel alone"] = median_ms(dense_alone, 50, 300)
     result["shapes"] = {"full_query_tokens": q_rows.shape[2], "pruned_kv_tokens": k_rows.shape[2]}
     if backend == "triton":
         from in_context_sparse_attention import triton_kernels
@@ -207,7 +208,14 @@ def run_size(seq: int, args, backends: list[str], monitor: GpuMonitor) -> dict:
     t_len = c_len = seq // 2
     config = ISAConfig()
     dtype = getattr(torch, args.dtype)
-    row = {"seq_len": seq, "target_len": t_len, "source_len": c_len, "heads": args.heads, "head_dim": args.dim, "dtype": args.dtype}
+    row = {
+        "seq_len": seq,
+        "target_len": t_len,
+        "source_len": c_len,
+        "heads": args.heads,
+        "head_dim": args.dim,
+        "dtype": args.dtype,
+    }
     q, k, v = random_qkv(seq, args.heads, args.dim, dtype, seed=seq)
 
     baselines = dense_baselines(q)
@@ -215,17 +223,23 @@ def run_size(seq: int, args, backends: list[str], monitor: GpuMonitor) -> dict:
     torch_out = editing_sparse_attention(q, k, v, t_len, c_len, config=config, backend="torch")
     isa_calls, row["isa"], out = {}, {}, None
     for name in backends:
-        isa_calls[name] = functools.partial(editing_sparse_attention, q, k, v, t_len, c_len, config=config, backend=name)
+        isa_calls[name] = functools.partial(
+            editing_sparse_attention, q, k, v, t_len, c_len, config=config, backend=name
+        )
         out = isa_calls[name]()  # also compiles and autotunes before any timing
         entry = {"vs_dense_random": agreement(out, dense_out), "vs_torch_backend": agreement(out, torch_out)}
-        entry["correct"] = entry["vs_torch_backend"]["finite"] and entry["vs_torch_backend"]["rel_l2"] <= REFERENCE_AGREEMENT
+        entry["correct"] = (
+            entry["vs_torch_backend"]["finite"] and entry["vs_torch_backend"]["rel_l2"] <= REFERENCE_AGREEMENT
+        )
         entry["ms_runs"], entry["gpu_states"] = [], []
         row["isa"][name] = entry
     row["dense_ms_runs"] = {name: [] for name in baselines}
     row["dense_gpu_states"] = {name: [] for name in baselines}
     for run in range(args.repeats):  # interleaved, so that every method meets the same GPU states
         for name, fn in baselines.items():
-            ms, state = timed(f"S={seq} run {run + 1} dense {name}", functools.partial(fn, q, k, v), args.warmup, args.rep, monitor)
+            ms, state = timed(
+                f"S={seq} run {run + 1} dense {name}", functools.partial(fn, q, k, v), args.warmup, args.rep, monitor
+            )
             row["dense_ms_runs"][name].append(ms)
             row["dense_gpu_states"][name].append(state)
         for name in backends:
@@ -242,7 +256,9 @@ def run_size(seq: int, args, backends: list[str], monitor: GpuMonitor) -> dict:
     del dense_out, torch_out, out, isa_calls
 
     if seq in args.breakdown_at:
-        row["breakdown_ms"] = {name: stage_breakdown(q, k, v, t_len, c_len, name, config, iters=10) for name in backends}
+        row["breakdown_ms"] = {
+            name: stage_breakdown(q, k, v, t_len, c_len, name, config, iters=10) for name in backends
+        }
     del q, k, v
     q, k, v = video_like_qkv(seq, args.heads, args.dim, dtype, seed=seq + 1)
     dense_out = dense_sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
@@ -258,7 +274,9 @@ def markdown_table(rows: list[dict], backends: list[str]) -> str:
     dense_names = list(rows[0]["dense_ms"]) if rows else []
     labels = [DENSE_LABELS[name] for name in dense_names]
     lines = [
-        "| S | " + " | ".join(f"dense {label} ms" for label in labels) + " | ISA backend | ISA ms | "
+        "| S | "
+        + " | ".join(f"dense {label} ms" for label in labels)
+        + " | ISA backend | ISA ms | "
         + " | ".join(f"speed-up vs {label}" for label in labels)
         + " | rel L2 / cos vs dense (random) | rel L2 / cos vs dense (video-like) |",
         "| ---: | " + "---: | " * len(labels) + "--- | ---: | " + "---: | " * len(labels) + "--- | --- |",
@@ -287,7 +305,9 @@ def breakdown_table(rows: list[dict]) -> str:
         stages = [stage for stage in per_backend[names[0]] if stage != "shapes"]
         lines += [f"ISA stages at S = {row['seq_len']:,} (median ms, alpha tensor):", ""]
         lines += ["| stage | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
-        lines += [f"| {stage} | " + " | ".join(f"{per_backend[n][stage]:.2f}" for n in names) + " |" for stage in stages]
+        lines += [
+            f"| {stage} | " + " | ".join(f"{per_backend[n][stage]:.2f}" for n in names) + " |" for stage in stages
+        ]
         lines += [""] + [f"{n} shapes: {per_backend[n]['shapes']}" for n in names] + [""]
     return "\n".join(lines)
 
@@ -299,10 +319,18 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--backends", nargs="+", default=list(BACKEND_NAMES), help="ISA backends to try")
-    parser.add_argument("--breakdown-at", type=int, nargs="*", default=[65536], help="S values with a stage breakdown of each ISA backend")
+    parser.add_argument(
+        "--breakdown-at",
+        type=int,
+        nargs="*",
+        default=[65536],
+        help="S values with a stage breakdown of each ISA backend",
+    )
     parser.add_argument("--warmup", type=int, default=100, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=500, help="do_bench repetition, ms")
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved timings of every method; the median is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="interleaved timings of every method; the median is reported"
+    )
     parser.add_argument("--json", default="docs/benchmarks_attention.json")
     parser.add_argument("--markdown", default=None, help="also write the tables to this file")
     args = parser.parse_args()
@@ -310,7 +338,8 @@ def main() -> None:
     env = environment()
     for key, value in env.items():
         print(f"{key}: {value}")
-    print(f"shapes: B=1, H={args.heads}, D={args.dim}, {args.dtype}, T = C = S/2, S in {args.seq_lens}; ISA {ISAConfig()}")
+    print(f"shapes: B=1, H={args.heads}, D={args.dim}, {args.dtype}, T = C = S/2, S in {args.seq_lens}")
+    print(f"ISA {ISAConfig()}")
     backends = working_backends(args.backends)
     print(f"ISA backends: {backends}")
     rows = []

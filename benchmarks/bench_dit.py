@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds model.py
 
-import model as model_module  # noqa: E402
-from in_context_sparse_attention import ISAConfig, dense_kernel_name  # noqa: E402
-from model import TINY_CONFIG, WanDiT  # noqa: E402
+import model as model_module
+from in_context_sparse_attention import ISAConfig, dense_kernel_name
+from model import TINY_CONFIG, WanDiT
 
 
 class OpTimer:
@@ -96,7 +96,12 @@ def build_random_model(config: dict, device: torch.device, dtype: torch.dtype, s
     with torch.no_grad():
         model.init_weights()
         for block in model.blocks:
-            for norm in (block.self_attn.norm_q, block.self_attn.norm_k, block.cross_attn.norm_q, block.cross_attn.norm_k):
+            for norm in (
+                block.self_attn.norm_q,
+                block.self_attn.norm_k,
+                block.cross_attn.norm_q,
+                block.cross_attn.norm_k,
+            ):
                 norm.weight.fill_(1.0)
             block.norm3.weight.fill_(1.0)
             block.norm3.bias.zero_()
@@ -157,10 +162,14 @@ def versions() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=81, help="video frames (4k+1); latent frames = (frames - 1) / 4 + 1")
+    parser.add_argument(
+        "--frames", type=int, default=81, help="video frames (4k+1); latent frames = (frames - 1) / 4 + 1"
+    )
     parser.add_argument("--height", type=int, default=544)
     parser.add_argument("--width", type=int, default=960)
-    parser.add_argument("--backends", default="dense,triton,tilelang", help="comma-separated: dense, torch, triton, tilelang")
+    parser.add_argument(
+        "--backends", default="dense,triton,tilelang", help="comma-separated: dense, torch, triton, tilelang"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="the tiny test model instead of the 14B one")
     parser.add_argument("--seed", type=int, default=0)
@@ -221,7 +230,9 @@ def main() -> None:
             reference = out
         elif reference is not None:
             result["rel_l2_error_vs_dense"] = float((out - reference).norm() / reference.norm())
-            result["cosine_vs_dense"] = float(torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0))
+            result["cosine_vs_dense"] = float(
+                torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)
+            )
         results.append(result)
         print(json.dumps(result))
         if args.json:  # after every backend, so that a run cut short keeps what it measured
@@ -232,15 +243,19 @@ def main() -> None:
 
     dense = next((r for r in results if r["backend"] == "dense" and "skipped" not in r), None)
     lines = [
-        "| self-attention | s / forward | attention s | attention share | RoPE s | peak GPU GiB | speed-up vs dense | rel. L2 error vs dense |",
+        "| self-attention | s / forward | attention s | attention share | RoPE s | peak GPU GiB "
+        "| speed-up vs dense | rel. L2 error vs dense |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         if "skipped" in r:
             lines.append(f"| {r['backend']} | skipped: {r['skipped'].splitlines()[0][:80]} | | | | | | |")
             continue
-        speedup = "refused (output not finite)" if not r["finite"] else (
-            f"{dense['seconds_per_forward'] / r['seconds_per_forward']:.2f}x" if dense else "n/a")
+        speedup = (
+            "refused (output not finite)"
+            if not r["finite"]
+            else (f"{dense['seconds_per_forward'] / r['seconds_per_forward']:.2f}x" if dense else "n/a")
+        )
         peak = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "n/a"
         error = f"{r['rel_l2_error_vs_dense']:.3f}" if "rel_l2_error_vs_dense" in r else "-"
         lines.append(

@@ -19,7 +19,14 @@ import time
 
 _FIELDS = "clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active"
 # Bits of clocks_event_reasons.active (nvidia-smi -q lists them) worth naming in a report.
-_REASONS = {0x1: "idle", 0x4: "sw power cap", 0x8: "hw slowdown", 0x20: "sw thermal", 0x40: "hw thermal", 0x80: "hw power brake"}
+_REASONS = {
+    0x1: "idle",
+    0x4: "sw power cap",
+    0x8: "hw slowdown",
+    0x20: "sw thermal",
+    0x40: "hw thermal",
+    0x80: "hw power brake",
+}
 
 
 def _device_selector(device_index: int) -> list[str]:
@@ -42,7 +49,13 @@ class GpuMonitor:
         self._process = None
         if shutil.which("nvidia-smi") is None:
             return
-        command = ["nvidia-smi", *_device_selector(device_index), f"--query-gpu={_FIELDS}", "--format=csv,noheader,nounits", f"-lms={interval_ms}"]
+        command = [
+            "nvidia-smi",
+            *_device_selector(device_index),
+            f"--query-gpu={_FIELDS}",
+            "--format=csv,noheader,nounits",
+            f"-lms={interval_ms}",
+        ]
         self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -51,7 +64,9 @@ class GpuMonitor:
         for line in self._process.stdout:
             try:
                 clock, power, temperature, reasons = (field.strip() for field in line.split(","))
-                self._samples.append((time.monotonic(), float(clock), float(power), float(temperature), int(reasons, 16)))
+                self._samples.append(
+                    (time.monotonic(), float(clock), float(power), float(temperature), int(reasons, 16))
+                )
             except ValueError:  # a header, a "[N/A]" or a partial line
                 continue
 
@@ -95,5 +110,8 @@ def describe(state: dict | None) -> str:
     if state is None:
         return "GPU state not recorded"
     reasons = ", ".join(name for name in state["clock_reasons"] if name != "idle")
-    text = f"SM {state['sm_clock_mhz']:.0f} MHz (min {state['sm_clock_min_mhz']:.0f}), {state['power_w']:.0f} W, {state['temperature_c']:.0f} C"
+    text = (
+        f"SM {state['sm_clock_mhz']:.0f} MHz (min {state['sm_clock_min_mhz']:.0f}), "
+        f"{state['power_w']:.0f} W, {state['temperature_c']:.0f} C"
+    )
     return text + (f", {reasons}" if reasons else "")

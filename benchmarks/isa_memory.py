@@ -14,6 +14,7 @@ All numbers are GiB above what was allocated when the measured step began:
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import sys
@@ -23,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from in_context_sparse_attention import api, editing_sparse_attention  # noqa: E402
-from in_context_sparse_attention.backends import get_backend  # noqa: E402
-from in_context_sparse_attention.dense import dense_attention  # noqa: E402
+from in_context_sparse_attention import api, editing_sparse_attention
+from in_context_sparse_attention.backends import get_backend
+from in_context_sparse_attention.dense import dense_attention
 
 GIB = 2**30
 
@@ -85,14 +86,21 @@ def main() -> None:
 
     seq = 2 * args.target
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, seq, args.heads, args.head_dim, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (
+        torch.randn(1, seq, args.heads, args.head_dim, generator=gen, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3)
+    )
     alpha = (torch.rand(1, seq, 1, 1, generator=gen, device="cuda") - 0.5) * 0.5
     token_gib = q.numel() * q.element_size() / GIB
-    print(f"S = {seq}, H = {args.heads}, D = {args.head_dim}, bf16; one [B, S, H, D] bf16 tensor = {token_gib:.3f} GiB")
+    print(
+        f"S = {seq}, H = {args.heads}, D = {args.head_dim}, bf16; one [B, S, H, D] bf16 tensor = {token_gib:.3f} GiB"
+    )
 
     results = {"dense SDPA": {"call": measure(dense_attention, q, k, v)[0]}}
     for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        call = lambda: editing_sparse_attention(q, k, v, args.target, args.target, alpha=alpha, backend=name)  # noqa: E731
+        call = functools.partial(
+            editing_sparse_attention, q, k, v, args.target, args.target, alpha=alpha, backend=name
+        )
         first, kept = measure(call)
         whole = measure(call)[0]
         stages = {}
@@ -103,7 +111,9 @@ def main() -> None:
             undo()
         results[name] = {"first call": first, "kept": kept, "call": whole, **stages}
 
-    rows = sorted({label for r in results.values() for label in r}, key=lambda s: (s not in ("first call", "kept", "call"), s))
+    rows = sorted(
+        {label for r in results.values() for label in r}, key=lambda s: (s not in ("first call", "kept", "call"), s)
+    )
     lines = ["| GiB above start | " + " | ".join(results) + " |", "| --- |" + " --- |" * len(results)]
     for label in rows:
         cells = [f"{r[label]:.2f}" if label in r else "" for r in results.values()]
@@ -112,7 +122,11 @@ def main() -> None:
     print(table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"seq": seq, "heads": args.heads, "head_dim": args.head_dim, "gib": results, "table": table}, f, indent=1)
+            json.dump(
+                {"seq": seq, "heads": args.heads, "head_dim": args.head_dim, "gib": results, "table": table},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

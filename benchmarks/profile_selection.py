@@ -13,10 +13,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the package
 
-from in_context_sparse_attention import ISAConfig  # noqa: E402
-from in_context_sparse_attention.layout import BlockLayout  # noqa: E402
-from in_context_sparse_attention.reference import pool_blocks  # noqa: E402
-from in_context_sparse_attention.selection import make_plan  # noqa: E402
+from in_context_sparse_attention import ISAConfig
+from in_context_sparse_attention.layout import BlockLayout
+from in_context_sparse_attention.reference import pool_blocks
+from in_context_sparse_attention.selection import make_plan
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ and the compiled kernel's registers, spills and shared memory.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 from pathlib import Path
@@ -20,19 +21,24 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the package
 
-from in_context_sparse_attention import ISAConfig  # noqa: E402
-from in_context_sparse_attention import triton_backend, triton_kernels  # noqa: E402
-from in_context_sparse_attention.layout import BlockLayout  # noqa: E402
+from in_context_sparse_attention import ISAConfig, triton_backend, triton_kernels
+from in_context_sparse_attention.layout import BlockLayout
 
 
 def configurations(args) -> list[dict]:
     if not args.grid:
         return [
-            {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in triton_kernels.SPARSE_TUNING_CONFIGS
+            {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+            for c in triton_kernels.SPARSE_TUNING_CONFIGS
         ]
     grid = itertools.product(args.taylor_stages, args.warps, args.stages, args.maxnreg)
     return [
-        {"TAYLOR_STAGES": taylor_stages, "num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+        {
+            "TAYLOR_STAGES": taylor_stages,
+            "num_warps": warps,
+            "num_stages": stages,
+            **({"maxnreg": maxnreg} if maxnreg else {}),
+        }
         for taylor_stages, warps, stages, maxnreg in grid
     ]
 
@@ -54,7 +60,9 @@ def main() -> None:
 
     seq = args.seq_len
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, seq, args.heads, args.dim, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(3))
+    q, k, v = (
+        torch.randn(1, seq, args.heads, args.dim, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(3)
+    )
     layout = BlockLayout(seq_len=seq, target_len=seq // 2, block_size=64)
     backend = triton_backend.TritonBackend()
     plan = backend.make_plan(*(backend.pool_blocks(x, layout) for x in (q, k, v)), layout, ISAConfig())
@@ -77,7 +85,9 @@ def main() -> None:
         if reference is None:
             reference = rows_of_sparse.clone()
         ms = triton.testing.do_bench(
-            lambda: triton_backend.sparse_block_attention(q, k, v, plan, out, tiles=tiles), rep=args.rep, return_mode="median"
+            functools.partial(triton_backend.sparse_block_attention, q, k, v, plan, out, tiles=tiles),
+            rep=args.rep,
+            return_mode="median",
         )
         written = ~torch.isnan(rows_of_sparse)
         diff = (rows_of_sparse - reference).abs()[written & ~torch.isnan(reference)].max().item()

@@ -29,9 +29,8 @@ def _check_inputs(q, k, v, t_seq_len, s_seq_len, alpha, config) -> None:
         if x.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(
-            f"q, k and v must have the same shape [B, S, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
+        shapes = ", ".join(str(tuple(x.shape)) for x in (q, k, v))
+        raise ValueError(f"q, k and v must have the same shape [B, S, H, D], got {shapes}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
@@ -58,7 +57,9 @@ def _check_inputs(q, k, v, t_seq_len, s_seq_len, alpha, config) -> None:
         except RuntimeError:
             shape = None
         if shape != target:
-            raise ValueError(f"alpha must be broadcastable to [B, S, 1, 1] = {list(target)}, got shape {tuple(alpha.shape)}")
+            raise ValueError(
+                f"alpha must be broadcastable to [B, S, 1, 1] = {list(target)}, got shape {tuple(alpha.shape)}"
+            )
     elif alpha is not None:
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
             raise TypeError(
@@ -110,9 +111,7 @@ def editing_sparse_attention(
     with_residual = alpha is not None and (isinstance(alpha, torch.Tensor) or alpha != 0)
     fused = with_residual and impl.fuses_residual  # added by the kernels that write the rows
     residual = {"residual": GatedShortcut.of(plan, alpha, q.device)} if fused else {}
-    full_block_attention(
-        q, k, v, plan, out_padded, gather=impl.gather_blocks, scatter=impl.scatter_blocks, **residual
-    )
+    full_block_attention(q, k, v, plan, out_padded, gather=impl.gather_blocks, scatter=impl.scatter_blocks, **residual)
     impl.sparse_block_attention(q, k, v, plan, out_padded, **residual)
     if with_residual and not fused:
         add_residual(out_padded, plan, alpha)

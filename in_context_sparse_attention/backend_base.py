@@ -75,7 +75,9 @@ class ISABackend(abc.ABC):
     def check_inputs(self, q: torch.Tensor, config: ISAConfig) -> None:
         """Raise a ValueError, with `hint`, for q ([B, S, H, D]; k and v match it) or a
         config that this backend cannot run. The call's own checks have passed already."""
-        reason = self.unsupported_reason(q.device, q.dtype) or self.limits_reason(q.shape[-1], q.dtype, config.block_size)
+        reason = self.unsupported_reason(q.device, q.dtype) or self.limits_reason(
+            q.shape[-1], q.dtype, config.block_size
+        )
         if reason is not None:
             raise ValueError(reason)
 

@@ -23,7 +23,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 logger = logging.getLogger(__name__)
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
-_SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_SDPA_PRIORITY = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,8 +41,8 @@ def _flash_attn_3():
     except ImportError:
         pass
     try:
-        from fa3_fwd_interface import flash_attn_func  # the forward-only build
         from fa3_fwd_config import CONFIG
+        from fa3_fwd_interface import flash_attn_func  # the forward-only build
     except ImportError:
         return None
     fp16_disabled = CONFIG.get("build_flags", {}).get("FLASHATTENTION_DISABLE_FP16", False)
@@ -67,7 +72,9 @@ def _pinned_kernel() -> str:
     if choice not in _CHOICES:
         raise ValueError(f"ISA_DENSE_KERNEL must be one of {', '.join(_CHOICES)}, got {choice!r}")
     if choice == "fa3" and _flash_attn_3() is None:
-        raise ValueError("ISA_DENSE_KERNEL=fa3 but FlashAttention-3 is not installed (flash_attn_interface or fa3_fwd_interface)")
+        raise ValueError(
+            "ISA_DENSE_KERNEL=fa3 but FlashAttention-3 is not installed (flash_attn_interface or fa3_fwd_interface)"
+        )
     if choice == "fa2" and _flash_attn_2() is None:
         raise ValueError("ISA_DENSE_KERNEL=fa2 but FlashAttention-2 is not installed (pip install flash-attn)")
     return choice

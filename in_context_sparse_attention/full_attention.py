@@ -44,7 +44,9 @@ def scatter_blocks(rows: torch.Tensor, blocks: torch.Tensor, out_padded: torch.T
     if blocks.shape[-1] == 0:
         return
     ids = block_token_ids(blocks, rows.shape[2] // blocks.shape[-1])
-    out_padded.transpose(1, 2).scatter_(2, ids[..., None].expand(-1, -1, -1, rows.shape[-1]), rows.to(out_padded.dtype))
+    out_padded.transpose(1, 2).scatter_(
+        2, ids[..., None].expand(-1, -1, -1, rows.shape[-1]), rows.to(out_padded.dtype)
+    )
 
 
 def full_block_attention(

@@ -32,7 +32,9 @@ def pool_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     return (sums / counts[:, None, None]).transpose(1, 2).contiguous()
 
 
-def sparse_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ISAPlan, out_padded: torch.Tensor) -> None:
+def sparse_block_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ISAPlan, out_padded: torch.Tensor
+) -> None:
     """Exact top-E blocks plus 0-th order Taylor terms for the diffuse query blocks.
 
     For a query q of block i and the pruned blocks j (n_j tokens, mean key kbar_j, value
@@ -61,7 +63,9 @@ def sparse_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
     key_means = torch.gather(plan.key_means, 2, plan.kv_blocks[..., None].expand(-1, -1, -1, dim))  # [B, H, NKV, D]
     value_sums = torch.gather(plan.value_sums, 2, plan.kv_blocks[..., None].expand(-1, -1, -1, dim))
     counts = plan.block_counts[plan.kv_blocks].to(cdtype)  # [B, H, NKV]
-    is_exact = torch.zeros(plan.kv_blocks.shape[:2] + (num_sparse, plan.kv_blocks.shape[-1]), dtype=torch.bool, device=q.device)
+    is_exact = torch.zeros(
+        plan.kv_blocks.shape[:2] + (num_sparse, plan.kv_blocks.shape[-1]), dtype=torch.bool, device=q.device
+    )
     is_exact.scatter_(3, plan.exact_positions, True)  # [B, H, Ns, NKV]
 
     qt, kt, vt, ot = (x.transpose(1, 2) for x in (q, k, v, out_padded))  # [B, H, S, D] views
@@ -79,7 +83,8 @@ def sparse_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
 
             exact_logits = torch.matmul(rows, keys.transpose(-1, -2)) * scale  # [1, h, Ns, b, E*b]
             exact_logits = exact_logits.masked_fill(~kv_valid[sel][..., None, :], -math.inf)
-            taylor_logits = torch.matmul(rows, key_means[sel][:, :, None].to(cdtype).transpose(-1, -2)) * scale  # [1, h, Ns, b, NKV]
+            taylor_keys = key_means[sel][:, :, None].to(cdtype)  # [1, h, 1, NKV, D]
+            taylor_logits = torch.matmul(rows, taylor_keys.transpose(-1, -2)) * scale  # [1, h, Ns, b, NKV]
             taylor_logits = taylor_logits.masked_fill(is_exact[sel][..., None, :], -math.inf)
             row_max = torch.maximum(exact_logits.amax(-1, keepdim=True), taylor_logits.amax(-1, keepdim=True))
             exact_w = torch.exp(exact_logits - row_max)

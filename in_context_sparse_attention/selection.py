@@ -65,7 +65,9 @@ def select_context_blocks(probs: torch.Tensor, layout: BlockLayout, select_ratio
     return torch.cat(kept, dim=-1).sort(dim=-1).values
 
 
-def split_query_blocks(probs: torch.Tensor, layout: BlockLayout, config: ISAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def split_query_blocks(
+    probs: torch.Tensor, layout: BlockLayout, config: ISAConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sharpness split: the floor(NB * flat_ratio) sharpest query blocks go to full attention.
 
     sharpness_i = sum of the k_s largest of P[i, :nT].

@@ -86,7 +86,9 @@ def sparse_kernel_inputs(plan: ISAPlan, dtype: torch.dtype) -> dict:
     value_means = (torch.gather(plan.value_sums, 2, index) / counts[..., None]).to(dtype)
     taylor_counts = counts[:, :, None, :].expand(-1, -1, num_sparse, -1).contiguous()
     taylor_counts.scatter_(3, plan.exact_positions, 0.0)
-    exact_blocks = torch.gather(kv_blocks, 2, plan.exact_positions.flatten(2)).view(batch, heads, num_sparse, num_exact)
+    exact_blocks = torch.gather(kv_blocks, 2, plan.exact_positions.flatten(2)).view(
+        batch, heads, num_sparse, num_exact
+    )
     return {
         "query_blocks": plan.sparse_query_blocks.to(torch.int32).contiguous(),
         "exact_blocks": exact_blocks.to(torch.int32),
@@ -97,7 +99,12 @@ def sparse_kernel_inputs(plan: ISAPlan, dtype: torch.dtype) -> dict:
 
 
 def sparse_block_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ISAPlan, out_padded: torch.Tensor, residual: GatedShortcut | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: ISAPlan,
+    out_padded: torch.Tensor,
+    residual: GatedShortcut | None = None,
 ) -> None:
     """Exact top-E blocks plus 0-th order Taylor terms for the diffuse query blocks.
 
@@ -113,13 +120,23 @@ def sparse_block_attention(
         raise ValueError("backend 'tilelang' writes into a contiguous out_padded [B, NB * b, H, D]")
     inputs = sparse_kernel_inputs(plan, q.dtype)
     if residual is None:  # the kernel always adds one: a zero gate
-        residual = GatedShortcut(plan.compressed_out.contiguous(), torch.zeros(q.shape[:2], dtype=torch.float32, device=q.device))
+        residual = GatedShortcut(
+            plan.compressed_out.contiguous(), torch.zeros(q.shape[:2], dtype=torch.float32, device=q.device)
+        )
     kernel = _kernel("sparse", q, plan.layout.block_size)
     with torch.cuda.device(q.device):
         kernel(
-            q.contiguous(), k.contiguous(), v.contiguous(),
-            inputs["query_blocks"], inputs["exact_blocks"], inputs["key_means"], inputs["value_means"],
-            inputs["taylor_counts"], residual.shortcut, residual.gate, out_padded,
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            inputs["query_blocks"],
+            inputs["exact_blocks"],
+            inputs["key_means"],
+            inputs["value_means"],
+            inputs["taylor_counts"],
+            residual.shortcut,
+            residual.gate,
+            out_padded,
         )
 
 

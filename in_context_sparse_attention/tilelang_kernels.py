@@ -174,7 +174,9 @@ def build_sparse_attention(
                 T.copy(ValueMeans[bz, by, o_c : o_c + cols, :], s_vbar)  # [cols, head_dim]
                 for j in T.Parallel(cols):  # s_w [cols]
                     s_w[j] = T.if_then_else(o_c + j < num_kv, TaylorCounts[bz, by, bx, o_c + j], T.cast(0, ACCUM))
-                softmax_step(s_q, s_kbar, s_vbar, s_w, b_scores, b_p, b_acc, b_max, b_max_prev, b_rescale, b_tile_sum, b_sum)
+                softmax_step(
+                    s_q, s_kbar, s_vbar, s_w, b_scores, b_p, b_acc, b_max, b_max_prev, b_rescale, b_tile_sum, b_sum
+                )
 
             for i, d in T.Parallel(rows, head_dim):
                 gate = T.if_then_else(o_q + i < seq_len, Gate[bz, o_q + i], T.cast(0, ACCUM))

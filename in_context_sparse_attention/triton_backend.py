@@ -120,7 +120,9 @@ def sparse_block_attention(
     taylor_values = torch.gather(plan.value_sums, 2, per_block).to(operand_dtype)  # [B, H, NKV, D]
     taylor_counts = plan.block_counts[plan.kv_blocks].to(torch.float32)  # [B, H, NKV]
     taylor_keys_desc, taylor_values_desc = (
-        TensorDescriptor(x, shape=[batch * heads, num_kv, dim], strides=[num_kv * dim, dim, 1], block_shape=[1, TAYLOR_TILE, dim])
+        TensorDescriptor(
+            x, shape=[batch * heads, num_kv, dim], strides=[num_kv * dim, dim, 1], block_shape=[1, TAYLOR_TILE, dim]
+        )
         for x in (taylor_keys, taylor_values)
     )
     kernels = _kernels()
@@ -132,18 +134,34 @@ def sparse_block_attention(
         kernel = kernels.sparse_block_attention_kernel
     q_desc, k_desc, v_desc = (_token_descriptor(x, layout.block_size) for x in (q, k, v))
     return kernel[(num_sparse, batch * heads)](
-        q_desc=q_desc, k_desc=k_desc, v_desc=v_desc, out_ptr=out_padded,
-        taylor_keys_desc=taylor_keys_desc, taylor_values_desc=taylor_values_desc, taylor_counts_ptr=taylor_counts,
+        q_desc=q_desc,
+        k_desc=k_desc,
+        v_desc=v_desc,
+        out_ptr=out_padded,
+        taylor_keys_desc=taylor_keys_desc,
+        taylor_values_desc=taylor_values_desc,
+        taylor_counts_ptr=taylor_counts,
         sparse_blocks_ptr=plan.sparse_query_blocks.to(torch.int32).contiguous(),
-        exact_positions_ptr=exact_positions, exact_blocks_ptr=exact_blocks,
+        exact_positions_ptr=exact_positions,
+        exact_blocks_ptr=exact_blocks,
         shortcut_ptr=None if residual is None else residual.shortcut,
         gate_ptr=None if residual is None else residual.gate,
-        seq_len=seq, heads=heads, num_blocks=layout.num_blocks, num_kv=num_kv, num_sparse=num_sparse,
-        num_exact=num_exact, qk_scale_log2=_LOG2_E / math.sqrt(dim),
-        stride_ob=out_padded.stride(0), stride_os=out_padded.stride(1),
-        stride_oh=out_padded.stride(2), stride_od=out_padded.stride(3),
-        BLOCK=layout.block_size, HEAD_DIM=dim, TAYLOR_TILE=TAYLOR_TILE,
-        EXACT_PAD=max(16, triton.next_power_of_2(num_exact)), **tiles,
+        seq_len=seq,
+        heads=heads,
+        num_blocks=layout.num_blocks,
+        num_kv=num_kv,
+        num_sparse=num_sparse,
+        num_exact=num_exact,
+        qk_scale_log2=_LOG2_E / math.sqrt(dim),
+        stride_ob=out_padded.stride(0),
+        stride_os=out_padded.stride(1),
+        stride_oh=out_padded.stride(2),
+        stride_od=out_padded.stride(3),
+        BLOCK=layout.block_size,
+        HEAD_DIM=dim,
+        TAYLOR_TILE=TAYLOR_TILE,
+        EXACT_PAD=max(16, triton.next_power_of_2(num_exact)),
+        **tiles,
     )
 
 

@@ -40,14 +40,27 @@ def gather_blocks(x: torch.Tensor, blocks: torch.Tensor, block_size: int, num_to
     if num_slots == 0 or num_tokens == 0:
         return out
     _kernels().gather_blocks_kernel[(batch * heads, triton.cdiv(num_tokens, block_size))](
-        x_ptr=x, blocks_ptr=blocks.contiguous(), out_ptr=out, seq_len=seq, heads=heads, num_slots=num_slots,
-        num_tokens=num_tokens, stride_xb=x.stride(0), stride_xs=x.stride(1), stride_xh=x.stride(2), stride_xd=x.stride(3),
-        BLOCK=block_size, HEAD_DIM=dim, num_warps=COPY_WARPS,
+        x_ptr=x,
+        blocks_ptr=blocks.contiguous(),
+        out_ptr=out,
+        seq_len=seq,
+        heads=heads,
+        num_slots=num_slots,
+        num_tokens=num_tokens,
+        stride_xb=x.stride(0),
+        stride_xs=x.stride(1),
+        stride_xh=x.stride(2),
+        stride_xd=x.stride(3),
+        BLOCK=block_size,
+        HEAD_DIM=dim,
+        num_warps=COPY_WARPS,
     )
     return out
 
 
-def scatter_blocks(rows: torch.Tensor, blocks: torch.Tensor, out_padded: torch.Tensor, residual: GatedShortcut | None = None) -> None:
+def scatter_blocks(
+    rows: torch.Tensor, blocks: torch.Tensor, out_padded: torch.Tensor, residual: GatedShortcut | None = None
+) -> None:
     """The inverse of `gather_blocks` into the padded output: out_padded[b, blocks[b, h, slot] * b' + r, h]
     = rows[b, h, slot * b' + r] for every row r of every slot, plus the residual when given.
 
@@ -63,11 +76,20 @@ def scatter_blocks(rows: torch.Tensor, blocks: torch.Tensor, out_padded: torch.T
     block_size = num_rows // num_slots
     num_blocks = out_padded.shape[1] // block_size
     _kernels().scatter_blocks_kernel[(batch * heads, num_slots)](
-        rows_ptr=rows, blocks_ptr=blocks.contiguous(), out_ptr=out_padded,
+        rows_ptr=rows,
+        blocks_ptr=blocks.contiguous(),
+        out_ptr=out_padded,
         shortcut_ptr=None if residual is None else residual.shortcut,
         gate_ptr=None if residual is None else residual.gate,
         seq_len=None if residual is None else residual.gate.shape[1],
-        heads=heads, num_slots=num_slots, num_blocks=num_blocks,
-        stride_rb=rows.stride(0), stride_rh=rows.stride(1), stride_rs=rows.stride(2), stride_rd=rows.stride(3),
-        BLOCK=block_size, HEAD_DIM=dim, num_warps=COPY_WARPS,
+        heads=heads,
+        num_slots=num_slots,
+        num_blocks=num_blocks,
+        stride_rb=rows.stride(0),
+        stride_rh=rows.stride(1),
+        stride_rs=rows.stride(2),
+        stride_rd=rows.stride(3),
+        BLOCK=block_size,
+        HEAD_DIM=dim,
+        num_warps=COPY_WARPS,
     )

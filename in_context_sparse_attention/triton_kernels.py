@@ -110,12 +110,24 @@ def _online_softmax_step(b_scores, b_max, b_sum, b_acc, b_weights, b_values, INT
 
 
 @triton.jit
-def _with_residual(b_out, shortcut_ptr, gate_ptr, batch, batch_head, block, seq_len, num_blocks, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _with_residual(
+    b_out,
+    shortcut_ptr,
+    gate_ptr,
+    batch,
+    batch_head,
+    block,
+    seq_len,
+    num_blocks,
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     """b_out [BLOCK, D] fp32 (the rows of one block of one head) plus ISA's residual
     gate[b, t] * Oc[b, h, block]; rows past S get nothing (their gate reads as 0)."""
     o_tok = block * BLOCK + tl.arange(0, BLOCK)
     b_gate = tl.load(gate_ptr + batch * seq_len + o_tok, mask=o_tok < seq_len, other=0.0)  # [BLOCK]
-    b_shortcut = tl.load(shortcut_ptr + (batch_head * num_blocks + block) * HEAD_DIM + tl.arange(0, HEAD_DIM))  # [HEAD_DIM]
+    o_d = tl.arange(0, HEAD_DIM)
+    b_shortcut = tl.load(shortcut_ptr + (batch_head * num_blocks + block) * HEAD_DIM + o_d)  # [HEAD_DIM]
     return b_out + b_gate[:, None] * b_shortcut[None, :]
 
 
@@ -126,7 +138,7 @@ def sparse_block_attention_kernel(
     k_desc,  # the same for k
     v_desc,  # the same for v
     out_ptr,  # [B, NB * BLOCK, H, D], any strides
-    taylor_keys_desc,  # descriptor of [B * H, NKV, D] (q's dtype): kbar of each pruned block, block [1, TAYLOR_TILE, HEAD_DIM]
+    taylor_keys_desc,  # of [B * H, NKV, D] (q's dtype), block [1, TAYLOR_TILE, HEAD_DIM]: kbar of each pruned block
     taylor_values_desc,  # the same for Vsum of each pruned block
     taylor_counts_ptr,  # [B, H, NKV] fp32, contiguous: n_j of each pruned block
     sparse_blocks_ptr,  # [B, H, Ns] int32, contiguous: diffuse query block ids
@@ -141,7 +153,10 @@ def sparse_block_attention_kernel(
     num_sparse,
     num_exact,
     qk_scale_log2,  # 1/sqrt(D) * log2(e)
-    stride_ob, stride_os, stride_oh, stride_od,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_od,
     BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     TAYLOR_TILE: tl.constexpr,  # pruned blocks per Taylor tile
@@ -192,8 +207,9 @@ def sparse_block_attention_kernel(
         m_kv = o_kv < num_kv
         m_exact = tl.sum((o_kv[:, None] == b_exact_positions[None, :]).to(tl.int32), axis=1) > 0  # [TAYLOR_TILE]
         m_taylor = m_kv & (m_exact == 0)
-        b_kbar = tl.reshape(taylor_keys_desc.load([batch_head, kv_start, 0]), [TAYLOR_TILE, HEAD_DIM])  # [TAYLOR_TILE, HEAD_DIM]
-        b_vsum = tl.reshape(taylor_values_desc.load([batch_head, kv_start, 0]), [TAYLOR_TILE, HEAD_DIM])  # [TAYLOR_TILE, HEAD_DIM]
+        # [TAYLOR_TILE, HEAD_DIM] each: kbar and Vsum of the tile's pruned blocks
+        b_kbar = tl.reshape(taylor_keys_desc.load([batch_head, kv_start, 0]), [TAYLOR_TILE, HEAD_DIM])
+        b_vsum = tl.reshape(taylor_values_desc.load([batch_head, kv_start, 0]), [TAYLOR_TILE, HEAD_DIM])
         b_counts = tl.load(taylor_counts_ptr + batch_head * num_kv + o_kv, mask=m_kv, other=0.0)  # [TAYLOR_TILE]
         b_scores = _dot(b_q, tl.trans(b_kbar), INTERPRETER) * qk_scale_log2  # [BLOCK, TAYLOR_TILE]
         b_scores = tl.where(m_taylor[None, :], b_scores, float("-inf"))
@@ -212,7 +228,9 @@ def sparse_block_attention_kernel(
 
     b_out = b_acc / b_sum[:, None]
     if HAS_RESIDUAL:
-        b_out = _with_residual(b_out, shortcut_ptr, gate_ptr, batch, batch_head, query_block, seq_len, num_blocks, BLOCK, HEAD_DIM)
+        b_out = _with_residual(
+            b_out, shortcut_ptr, gate_ptr, batch, batch_head, query_block, seq_len, num_blocks, BLOCK, HEAD_DIM
+        )
     o_q = query_block * BLOCK + tl.arange(0, BLOCK)
     o_d = tl.arange(0, HEAD_DIM)
     out_ptrs = out_ptr + batch * stride_ob + head * stride_oh + o_q[:, None] * stride_os + o_d[None, :] * stride_od
@@ -260,7 +278,11 @@ def gather_blocks_kernel(
     o_row = slot * BLOCK + o_r
     x_ptrs = x_ptr + batch * stride_xb + head * stride_xh + o_tok[:, None] * stride_xs + o_d[None, :] * stride_xd
     b_x = tl.load(x_ptrs, mask=(o_tok < seq_len)[:, None], other=0.0)  # [BLOCK, HEAD_DIM]
-    tl.store(out_ptr + (batch_head * num_tokens + o_row[:, None]) * HEAD_DIM + o_d[None, :], b_x, mask=(o_row < num_tokens)[:, None])
+    tl.store(
+        out_ptr + (batch_head * num_tokens + o_row[:, None]) * HEAD_DIM + o_d[None, :],
+        b_x,
+        mask=(o_row < num_tokens)[:, None],
+    )
 
 
 @_FLAGS
@@ -293,10 +315,21 @@ def scatter_blocks_kernel(
     block = tl.load(blocks_ptr + batch_head * num_slots + slot)  # scalar
     o_r = tl.arange(0, BLOCK)
     o_d = tl.arange(0, HEAD_DIM)
-    rows_ptrs = rows_ptr + batch * stride_rb + head * stride_rh + (slot * BLOCK + o_r[:, None]) * stride_rs + o_d[None, :] * stride_rd
+    rows_ptrs = (
+        rows_ptr
+        + batch * stride_rb
+        + head * stride_rh
+        + (slot * BLOCK + o_r[:, None]) * stride_rs
+        + o_d[None, :] * stride_rd
+    )
     b_rows = tl.load(rows_ptrs)  # [BLOCK, HEAD_DIM]
     if HAS_RESIDUAL:
-        b_out = _with_residual(b_rows.to(tl.float32), shortcut_ptr, gate_ptr, batch, batch_head, block, seq_len, num_blocks, BLOCK, HEAD_DIM)
+        b_out = b_rows.to(tl.float32)
+        b_out = _with_residual(
+            b_out, shortcut_ptr, gate_ptr, batch, batch_head, block, seq_len, num_blocks, BLOCK, HEAD_DIM
+        )
         b_rows = _round_to(b_out, out_ptr.dtype.element_ty, INTERPRETER)
     o_out_row = batch * num_blocks * BLOCK + block * BLOCK + o_r
-    tl.store(out_ptr + (o_out_row[:, None] * heads + head) * HEAD_DIM + o_d[None, :], b_rows.to(out_ptr.dtype.element_ty))
+    tl.store(
+        out_ptr + (o_out_row[:, None] * heads + head) * HEAD_DIM + o_d[None, :], b_rows.to(out_ptr.dtype.element_ty)
+    )

@@ -17,9 +17,9 @@ import functools
 import torch
 import triton
 
+from . import selection
 from .config import ISAConfig
 from .layout import BlockLayout
-from . import selection
 from .selection import ISAPlan, exact_block_scores
 
 # values one program holds in registers: 16 per thread at 4 warps, ~60 registers per thread
@@ -88,7 +88,9 @@ def query_sharpness(probs: torch.Tensor, layout: BlockLayout, sharpness_ratio: f
     return largest_first[..., :num_terms].sum(dim=-1)
 
 
-def split_query_blocks(probs: torch.Tensor, layout: BlockLayout, config: ISAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def split_query_blocks(
+    probs: torch.Tensor, layout: BlockLayout, config: ISAConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sharpness split; the same result as `selection.split_query_blocks`.
 
     Args: probs: [B, H, NB, NB] fp32, contiguous.
@@ -101,8 +103,13 @@ def split_query_blocks(probs: torch.Tensor, layout: BlockLayout, config: ISAConf
     sparse = torch.empty(batch, heads, num_blocks - num_full, dtype=torch.long, device=probs.device)
     _, blocks, warps = _row_tiles(num_blocks)
     _kernels().split_query_blocks_kernel[(batch * heads,)](
-        sharpness_ptr=sharpness, full_ptr=full, sparse_ptr=sparse, num_blocks=num_blocks, num_full=num_full,
-        BLOCKS=blocks, num_warps=warps,
+        sharpness_ptr=sharpness,
+        full_ptr=full,
+        sparse_ptr=sparse,
+        num_blocks=num_blocks,
+        num_full=num_full,
+        BLOCKS=blocks,
+        num_warps=warps,
     )
     return full, sparse
 
@@ -134,8 +141,14 @@ def choose_exact_blocks(
     num_rows = batch * heads * num_sparse
     rows, kv, warps = _row_tiles(num_kv)
     _kernels().exact_blocks_kernel[(triton.cdiv(num_rows, rows),)](
-        scores_ptr=scores, exact_ptr=exact, num_rows=num_rows, num_kv=num_kv, num_exact=num_exact,
-        ROWS=rows, KV=kv, num_warps=warps,
+        scores_ptr=scores,
+        exact_ptr=exact,
+        num_rows=num_rows,
+        num_kv=num_kv,
+        num_exact=num_exact,
+        ROWS=rows,
+        KV=kv,
+        num_warps=warps,
     )
     return exact
 
@@ -150,6 +163,12 @@ def make_plan(
     """ISA's block-level steps 2-5 on pooled q, k, v ([B, H, NB, D] fp32);
     the same plan as `selection.make_plan`, with the selections above."""
     return selection.make_plan(
-        query_means, key_means, value_means, layout, config,
-        select_context=select_context_blocks, split_queries=split_query_blocks, choose_exact=choose_exact_blocks,
+        query_means,
+        key_means,
+        value_means,
+        layout,
+        config,
+        select_context=select_context_blocks,
+        split_queries=split_query_blocks,
+        choose_exact=choose_exact_blocks,
     )

@@ -14,7 +14,8 @@ and on triton 3.9's CPU interpreter (TRITON_INTERPRET=1). Host-side launching li
 `triton_selection.py`.
 
 Names follow the kernel convention of docs/isa.md (`b_` tiles in registers, `o_` offsets,
-`m_` masks only, `_ptr(s)` pointers, upper case constexprs). Padding lanes carry the key INT32_MIN, below the key of every fp32 value but NaN.
+`m_` masks only, `_ptr(s)` pointers, upper case constexprs). Padding lanes carry the key
+INT32_MIN, below the key of every fp32 value but NaN.
 """
 from __future__ import annotations
 

@@ -73,8 +73,14 @@ def naive_isa(q, k, v, t_seq_len, s_seq_len, alpha=None, *, block_size=64, selec
                     exact = set(sorted(pruned, key=lambda j: -block_scores[j])[:n_exact])
                     exact_tokens = [t for j in pruned if j in exact for t in range(*bounds[j])]
                     taylor = [j for j in pruned if j not in exact]
-                    taylor_counts = torch.tensor([float(bounds[j][1] - bounds[j][0]) for j in taylor], dtype=torch.float64)
-                    taylor_sums = torch.stack([vh[slice(*bounds[j])].sum(0) for j in taylor]) if taylor else torch.zeros(0, dim, dtype=torch.float64)
+                    taylor_counts = torch.tensor(
+                        [float(bounds[j][1] - bounds[j][0]) for j in taylor], dtype=torch.float64
+                    )
+                    taylor_sums = (
+                        torch.stack([vh[slice(*bounds[j])].sum(0) for j in taylor])
+                        if taylor
+                        else torch.zeros(0, dim, dtype=torch.float64)
+                    )
                     rows = torch.empty(e - s, dim, dtype=torch.float64)
                     for r in range(e - s):
                         query = qh[s + r]

@@ -41,8 +41,12 @@ def video_like_qkv(frames, height, width, heads, dim, dtype, device, seed=0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     tensors = []
     for _ in range(3):
-        coarse = torch.randn(1, heads * dim, max(2, frames // 4), max(2, height // 8), max(2, width // 8), generator=gen)
-        field = torch.nn.functional.interpolate(coarse, size=(frames, height, width), mode="trilinear", align_corners=False)
+        coarse = torch.randn(
+            1, heads * dim, max(2, frames // 4), max(2, height // 8), max(2, width // 8), generator=gen
+        )
+        field = torch.nn.functional.interpolate(
+            coarse, size=(frames, height, width), mode="trilinear", align_corners=False
+        )
         target = field.flatten(2).transpose(1, 2).reshape(1, -1, heads, dim) * 2.0
         source = target + 0.1 * torch.randn(target.shape, generator=gen)
         tensors.append(torch.cat([target, source], dim=1).to(device=device, dtype=dtype))
@@ -57,7 +61,9 @@ def plan_for(q, k, v, t_len, config):
 
 def poisoned_output(q, layout):
     """[B, NB * b, H, D] of NaN: a row a kernel forgets to write stays NaN."""
-    return torch.full((q.shape[0], layout.padded_len, q.shape[2], q.shape[3]), math.nan, dtype=q.dtype, device=q.device)
+    return torch.full(
+        (q.shape[0], layout.padded_len, q.shape[2], q.shape[3]), math.nan, dtype=q.dtype, device=q.device
+    )
 
 
 def sparse_rows_mask(plan: ISAPlan) -> torch.Tensor:
@@ -88,8 +94,20 @@ def check_written_rows(out, plan):
 
 def slice_heads(plan: ISAPlan, heads: slice) -> ISAPlan:
     """The plan restricted to a range of heads."""
-    per_head = ("key_means", "value_sums", "compressed_out", "kv_blocks", "full_query_blocks", "sparse_query_blocks", "exact_positions")
-    return ISAPlan(layout=plan.layout, block_counts=plan.block_counts, **{name: getattr(plan, name)[:, heads] for name in per_head})
+    per_head = (
+        "key_means",
+        "value_sums",
+        "compressed_out",
+        "kv_blocks",
+        "full_query_blocks",
+        "sparse_query_blocks",
+        "exact_positions",
+    )
+    return ISAPlan(
+        layout=plan.layout,
+        block_counts=plan.block_counts,
+        **{name: getattr(plan, name)[:, heads] for name in per_head},
+    )
 
 
 def assert_within_precision(got, torch_out, reference_out, rows, floor, record_property=None):

@@ -32,7 +32,11 @@ def _call(q=None, k=None, v=None, t=40, c=56, **kwargs):
         (dict(q=torch.randn(96, 2, 64)), ValueError, r"q must have shape \[B, S, H, D\] \(4 dims\), got 3"),
         (dict(k=torch.randn(1, 96, 2, 32)), ValueError, "same shape"),
         (dict(v=torch.randn(1, 96, 2, 64, dtype=torch.float64)), ValueError, "same dtype"),
-        (dict(q=torch.ones(1, 96, 2, 64, dtype=torch.int32)), ValueError, "q must be float16, bfloat16, float32 or float64"),
+        (
+            dict(q=torch.ones(1, 96, 2, 64, dtype=torch.int32)),
+            ValueError,
+            "q must be float16, bfloat16, float32 or float64",
+        ),
         (dict(q=[[1.0]]), TypeError, "q must be a torch.Tensor"),
         (dict(t=40, c=50), ValueError, r"t_seq_len \+ s_seq_len must equal .* 96, got 40 \+ 50 = 90"),
         (dict(t=0, c=96), ValueError, "t_seq_len must be a positive int, got 0"),
@@ -78,7 +82,9 @@ def test_config_block_size(block_size):
 
 @pytest.mark.parametrize("block_size", [4097, 10**9])
 def test_config_block_size_has_an_upper_bound(block_size):
-    with pytest.raises(ValueError, match=rf"ISAConfig.block_size must be a positive int at most 4096, got {block_size}"):
+    with pytest.raises(
+        ValueError, match=rf"ISAConfig.block_size must be a positive int at most 4096, got {block_size}"
+    ):
         ISAConfig(block_size=block_size)
 
 
@@ -126,11 +132,15 @@ def test_unsupported_reason_on_a_machine_without_cuda(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert get_backend("torch").unsupported_reason("cpu", torch.float64) is None
     assert get_backend("triton").unsupported_reason("cpu", torch.bfloat16) is None
-    assert re.search(r"dtypes float16, bfloat16, float32, got torch.float64; use backend='torch'",
-                     get_backend("triton").unsupported_reason("cpu", torch.float64))
+    assert re.search(
+        r"dtypes float16, bfloat16, float32, got torch.float64; use backend='torch'",
+        get_backend("triton").unsupported_reason("cpu", torch.float64),
+    )
     assert re.search(r"CUDA GPU.*backend 'torch'", get_backend("tilelang").unsupported_reason("cuda", torch.bfloat16))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert re.search(r"backend='torch'.*TRITON_INTERPRET=1", get_backend("triton").unsupported_reason("cpu", torch.float32))
+    assert re.search(
+        r"backend='torch'.*TRITON_INTERPRET=1", get_backend("triton").unsupported_reason("cpu", torch.float32)
+    )
 
 
 def test_backend_modules_do_not_import_each_other():

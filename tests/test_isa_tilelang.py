@@ -26,8 +26,16 @@ from in_context_sparse_attention.residual import GatedShortcut
 from in_context_sparse_attention.tilelang_backend import compiled_kernel, sparse_kernel_inputs
 from isa_testing import (
     assert_within_precision,
-    check_written_rows, make_qkv, max_abs, plan_for, poisoned_output, relative_l2, run_sparse, slice_heads,
-    sparse_rows_mask, video_like_qkv,
+    check_written_rows,
+    make_qkv,
+    max_abs,
+    plan_for,
+    poisoned_output,
+    relative_l2,
+    run_sparse,
+    slice_heads,
+    sparse_rows_mask,
+    video_like_qkv,
 )
 
 BF16_ULP = 2.0**-7  # spacing of bf16 numbers in [1, 2)
@@ -46,7 +54,9 @@ def emulate_sparse_kernel(q, k, v, inputs, layout, out):
             for s in range(num_sparse):
                 first = int(inputs["query_blocks"][b, h, s]) * bs
                 rows = torch.arange(first, min(seq, first + bs))
-                tokens = torch.cat([torch.arange(j * bs, min(seq, (j + 1) * bs)) for j in inputs["exact_blocks"][b, h, s].tolist()])
+                tokens = torch.cat(
+                    [torch.arange(j * bs, min(seq, (j + 1) * bs)) for j in inputs["exact_blocks"][b, h, s].tolist()]
+                )
                 weights = inputs["taylor_counts"][b, h, s].double()  # [NKV]
                 taylor = weights > 0
                 queries = q[b, rows, h].double()  # [r, D]
@@ -55,7 +65,9 @@ def emulate_sparse_kernel(q, k, v, inputs, layout, out):
                 top = torch.cat([exact_logits, taylor_logits], dim=-1).amax(-1, keepdim=True)
                 exact_w = (exact_logits - top).exp()
                 taylor_w = (taylor_logits - top).exp() * weights[taylor]
-                numerator = exact_w @ v[b, tokens, h].double() + taylor_w @ inputs["value_means"][b, h, taylor].double()
+                numerator = (
+                    exact_w @ v[b, tokens, h].double() + taylor_w @ inputs["value_means"][b, h, taylor].double()
+                )
                 denominator = exact_w.sum(-1, keepdim=True) + taylor_w.sum(-1, keepdim=True)
                 out[b, rows, h] = (numerator / denominator).to(out.dtype)
 
@@ -80,7 +92,10 @@ def test_kernel_inputs_follow_the_kernel_contract(t_len, c_len, batch, heads, di
     plan = plan_for(q, k, v, t_len, ISAConfig(select_ratio=0.5, sparsity=sparsity))
     inputs = sparse_kernel_inputs(plan, torch.float64)
     num_sparse, num_exact = plan.exact_positions.shape[-2:]
-    assert inputs["exact_blocks"].shape == (batch, heads, num_sparse, num_exact) and inputs["exact_blocks"].dtype == torch.int32
+    assert (
+        inputs["exact_blocks"].shape == (batch, heads, num_sparse, num_exact)
+        and inputs["exact_blocks"].dtype == torch.int32
+    )
     assert inputs["taylor_counts"].shape == (batch, heads, num_sparse, plan.kv_blocks.shape[-1])
     emulated = poisoned_output(q, plan.layout)
     emulate_sparse_kernel(q, k, v, inputs, plan.layout, emulated)
@@ -131,8 +146,11 @@ needs_compiler = pytest.mark.skipif(
 )
 
 BUILDS = [
-    ("pool", 64, "bfloat16"), ("pool", 128, "bfloat16"),
-    ("sparse", 64, "bfloat16"), ("sparse", 128, "bfloat16"), ("sparse", 128, "float16"),
+    ("pool", 64, "bfloat16"),
+    ("pool", 128, "bfloat16"),
+    ("sparse", 64, "bfloat16"),
+    ("sparse", 128, "bfloat16"),
+    ("sparse", 128, "float16"),
 ]
 RUNTIME_SIZES = {
     "pool": ("batch", "seq_len", "heads", "num_blocks"),
@@ -298,4 +316,6 @@ def test_gpu_end_to_end(t_len, c_len, batch, heads, dim, record_property):
     every_row = torch.ones(got.shape[:3], dtype=torch.bool, device="cuda")
     if triton_available():
         compare_with_triton(got, run("triton", q, k, v), every_row, record_property)
-    assert_within_precision(got, run("torch", q, k, v), run("torch", q.float(), k.float(), v.float()), every_row, 1e-3, record_property)
+    assert_within_precision(
+        got, run("torch", q, k, v), run("torch", q.float(), k.float(), v.float()), every_row, 1e-3, record_property
+    )

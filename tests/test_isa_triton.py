@@ -10,14 +10,20 @@ import math
 import pytest
 import torch
 
-from in_context_sparse_attention import ISAConfig, editing_sparse_attention
-from in_context_sparse_attention import full_attention, reference
+from in_context_sparse_attention import ISAConfig, editing_sparse_attention, full_attention, reference
 from in_context_sparse_attention.backends import get_backend
 from in_context_sparse_attention.layout import BlockLayout
 from in_context_sparse_attention.triton_backend import interpreting
 from isa_testing import (
     assert_within_precision,
-    check_written_rows, make_qkv, plan_for, relative_l2, run_sparse, slice_heads, sparse_rows_mask, video_like_qkv,
+    check_written_rows,
+    make_qkv,
+    plan_for,
+    relative_l2,
+    run_sparse,
+    slice_heads,
+    sparse_rows_mask,
+    video_like_qkv,
 )
 
 needs_interpreter = pytest.mark.skipif(not interpreting(), reason="CPU interpreter tests need TRITON_INTERPRET=1")
@@ -65,7 +71,9 @@ def check_block_copies(q, k, v, t_len, config):
         assert (got[~real] == 0).all(), "tokens past S read as 0"
     blocks = plan.full_query_blocks
     rows = torch.randn(q.shape[0], q.shape[2], blocks.shape[-1] * layout.block_size, q.shape[3]).to(q.dtype)
-    got, want = (torch.full((q.shape[0], layout.padded_len, q.shape[2], q.shape[3]), math.nan, dtype=q.dtype) for _ in range(2))
+    got, want = (
+        torch.full((q.shape[0], layout.padded_len, q.shape[2], q.shape[3]), math.nan, dtype=q.dtype) for _ in range(2)
+    )
     triton_backend.scatter_blocks(rows, blocks, got)
     full_attention.scatter_blocks(rows, blocks, want)
     assert torch.equal(got.isnan(), want.isnan()), "the same rows are written"
@@ -262,7 +270,9 @@ def test_gpu_sparse_kernel_within_bf16_precision(t_len, c_len, batch, heads, dim
     q, k, v = (x[:, :, REFERENCE_HEADS] for x in (q, k, v))
     reference_out = run_sparse("torch", q.double(), k.double(), v.double(), part)
     torch_out = run_sparse("torch", q, k, v, part)
-    assert_within_precision(triton_out[:, :, REFERENCE_HEADS], torch_out, reference_out, sparse_rows_mask(part), floor=1e-3)
+    assert_within_precision(
+        triton_out[:, :, REFERENCE_HEADS], torch_out, reference_out, sparse_rows_mask(part), floor=1e-3
+    )
 
 
 @pytest.mark.gpu
@@ -270,7 +280,9 @@ def test_gpu_sparse_kernel_within_bf16_precision(t_len, c_len, batch, heads, dim
 def test_gpu_pool_blocks_matches_torch(t_len, c_len, batch, heads, dim):
     layout = BlockLayout(seq_len=t_len + c_len, target_len=t_len, block_size=64)
     x = make_qkv(batch, t_len + c_len, heads, dim, torch.bfloat16, device="cuda", non_contiguous=True)[0]
-    torch.testing.assert_close(get_backend("triton").pool_blocks(x, layout), reference.pool_blocks(x, layout), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        get_backend("triton").pool_blocks(x, layout), reference.pool_blocks(x, layout), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.gpu
