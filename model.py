@@ -13,8 +13,13 @@ Precision, as in Wan (each decision is repeated where it happens):
 - the residual stream, the modulation and the gates stay fp32;
 - RoPE angles and rotations and the sinusoidal time embedding are computed in float64;
 - the time embedding, its projection and the output head run in fp32 (Wan runs them in
-  fp32 autocast regions); every other matmul runs in the weights' dtype (bf16 on GPU),
-  with explicit casts rather than autocast.
+  fp32 autocast regions, here `Fp32Linear`); every other matmul runs in the model's
+  `compute_dtype` (bf16 on GPU), with explicit casts rather than autocast.
+
+Every weight is read inside the forward of the module that owns it, and no dtype is read
+from a weight that a storage hook may have recast, so diffusers' hooks work on this model:
+`apply_group_offloading` moves a module's weights in just before its forward runs, and
+`apply_layerwise_casting` upcasts them (e.g. from fp8 storage) just before; see `wanx.memory`.
 
 The memory-bound steps (RMSNorm, RoPE, LayerNorm + modulation + cast, gated residuals) go
 through `wanx.fused_ops`: fused Triton kernels on CUDA, their PyTorch references on CPU;
@@ -118,15 +123,35 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return fused_ops.rope(x, freqs)
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """A linear layer in its weights' dtype (bf16 on GPU), whatever x's dtype."""
-    return layer(x.to(layer.weight.dtype))
+class Fp32Linear(nn.Linear):
+    """A linear layer computed in fp32 whatever its weights' dtype (Wan's fp32 autocast regions).
+
+    The upcast happens in this layer's own forward, after any hook has moved or recast the
+    weights. x: [..., in_features] -> [..., out_features] fp32.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
 
 
-def _fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """A linear layer in fp32 with its weights upcast (Wan's fp32 autocast regions)."""
-    bias = None if layer.bias is None else layer.bias.float()
-    return F.linear(x.float(), layer.weight.float(), bias)
+class _CastsInput:
+    """Mixin for a layer that first moves its input to its weights' device and dtype.
+
+    Read inside the layer's own forward, the weights are where a hook put them (onloaded,
+    upcast), so the input follows them rather than a copy read before the hooks ran.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(device=self.weight.device, dtype=self.weight.dtype))
+
+
+class CastInputLinear(_CastsInput, nn.Linear):
+    """`nn.Linear` taking an input of any device and dtype: [..., in_features] -> [..., out_features]."""
+
+
+class CastInputConv3d(_CastsInput, nn.Conv3d):
+    """`nn.Conv3d` taking an input of any device and dtype: [B, C_in, F, H, W] -> [B, C_out, f, h, w]."""
 
 
 class WanRMSNorm(nn.Module):
@@ -203,21 +228,20 @@ class WanSelfAttention(nn.Module):
         self.method: SelfAttentionMethod = DenseAttention()
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """ISA residual gate per token: x [B, S, dim] -> alpha [B, S, 1, 1] fp32."""
-        return ((torch.sigmoid(_linear(self.alpha_1, x).float()) - 0.5) * 0.5).unsqueeze(-1)
+        """ISA residual gate per token: x [B, S, dim] in the compute dtype -> alpha [B, S, 1, 1] fp32."""
+        return ((torch.sigmoid(self.alpha_1(x).float()) - 0.5) * 0.5).unsqueeze(-1)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """
         Args:
-            x: [B, S, dim] normed and modulated tokens (fp32), target tokens first.
+            x: [B, S, dim] normed and modulated tokens in the compute dtype, target tokens first.
             freqs: [S, head_dim / 2] complex128 RoPE rotations.
             layout: T (`target_len`; the remaining S - T tokens are the source video's), the
                 token grids and the denoising step, for the attention method.
         Returns:
-            [B, S, dim] in the weights' dtype.
+            [B, S, dim] in the compute dtype.
         """
         batch, seq, _ = x.shape
-        x = x.to(self.q.weight.dtype)
         q = self.norm_q(self.q(x)).view(batch, seq, self.num_heads, self.head_dim)
         k = self.norm_k(self.k(x)).view(batch, seq, self.num_heads, self.head_dim)
         v = self.v(x).view(batch, seq, self.num_heads, self.head_dim)
@@ -244,13 +268,12 @@ class WanCrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            x: [B, S, dim] video tokens (fp32 or the weights' dtype).
-            context: [B, text_len, dim] embedded text, zero-padded rows included.
+            x: [B, S, dim] video tokens in the compute dtype.
+            context: [B, text_len, dim] embedded text in the compute dtype, zero-padded rows included.
         Returns:
-            [B, S, dim] in the weights' dtype.
+            [B, S, dim] in the compute dtype.
         """
         batch = x.shape[0]
-        x = x.to(self.q.weight.dtype)
         q = self.norm_q(self.q(x)).view(batch, -1, self.num_heads, self.head_dim)
         k = self.norm_k(self.k(context)).view(batch, -1, self.num_heads, self.head_dim)
         v = self.v(context).view(batch, -1, self.num_heads, self.head_dim)
@@ -272,7 +295,13 @@ class WanAttentionBlock(nn.Module):
         self.cross_attn_norm = cross_attn_norm
 
     def forward(
-        self, x: torch.Tensor, time_mod: torch.Tensor, freqs: torch.Tensor, layout: TokenLayout, context: torch.Tensor
+        self,
+        x: torch.Tensor,
+        time_mod: torch.Tensor,
+        freqs: torch.Tensor,
+        layout: TokenLayout,
+        context: torch.Tensor,
+        dtype: torch.dtype,
     ) -> torch.Tensor:
         """
         Args:
@@ -280,7 +309,9 @@ class WanAttentionBlock(nn.Module):
             time_mod: [B, 1, 6, dim] fp32 projected time embedding (one timestep per sample,
                 so it broadcasts over the tokens).
             freqs: [S, head_dim / 2] complex128; layout: the sequence, for self-attention.
-            context: [B, text_len, dim] embedded text.
+            context: [B, text_len, dim] embedded text in `dtype`.
+            dtype: the compute dtype of the matmuls (`WanDiT.compute_dtype`), passed in rather
+                than read from a weight, which may be stored in another dtype (fp8).
         Returns:
             [B, S, dim] fp32.
         """
@@ -289,11 +320,10 @@ class WanAttentionBlock(nn.Module):
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = modulation.unbind(2)
         # LayerNorm, modulation (shift + norm * (1 + scale)) in fp32 and the cast to the matmul
         # dtype are one pass; each residual update x + float(y) * gate is another (fp32)
-        dtype = self.ffn[0].weight.dtype
         y = self.self_attn(self.norm1(x, shift_sa, scale_sa, dtype), freqs, layout)
         x = fused_ops.gated_residual(x, y, gate_sa)
         x = fused_ops.gated_residual(
-            x, self.cross_attn(self.norm3(x, dtype=dtype) if self.cross_attn_norm else x, context))
+            x, self.cross_attn(self.norm3(x, dtype=dtype) if self.cross_attn_norm else x.to(dtype), context))
         y = self.ffn(self.norm2(x, shift_ff, scale_ff, dtype))
         return fused_ops.gated_residual(x, y, gate_ff)
 
@@ -304,13 +334,13 @@ class WanHead(nn.Module):
     def __init__(self, dim: int, out_dim: int, patch_size: Sequence[int], eps: float):
         super().__init__()
         self.norm = WanLayerNorm(dim, eps)
-        self.head = nn.Linear(dim, math.prod(patch_size) * out_dim)
+        self.head = Fp32Linear(dim, math.prod(patch_size) * out_dim)
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         """x: [B, T, dim] fp32, time_emb: [B, 1, dim] fp32 -> [B, T, patch_volume * out_dim] fp32."""
         shift, scale = (self.modulation.float().unsqueeze(0) + time_emb.unsqueeze(2)).unbind(2)
-        return _fp32_linear(self.head, self.norm(x) * (1 + scale) + shift)
+        return self.head(self.norm(x) * (1 + scale) + shift)
 
 
 class WanDiT(ModelMixin, ConfigMixin):
@@ -324,7 +354,7 @@ class WanDiT(ModelMixin, ConfigMixin):
 
     `from_pretrained` / `load_config` read Wan's own `config.json` (`model_type` and
     `window_size` are accepted and checked). Self-attention starts dense; switch it with
-    `set_attention`.
+    `set_attention`. The matmuls run in `compute_dtype`.
     """
 
     _no_split_modules = ["WanAttentionBlock"]
@@ -356,16 +386,19 @@ class WanDiT(ModelMixin, ConfigMixin):
         if dim % num_heads or (dim // num_heads) % 2:
             raise ValueError(f"dim / num_heads must be an even integer, got dim {dim}, num_heads {num_heads}")
         self.patch = tuple(int(p) for p in patch_size)
-        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch, stride=self.patch)
-        self.source_video_embedding_more_memory = nn.Conv3d(in_dim, dim, kernel_size=self.patch, stride=self.patch)
-        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
-        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.patch_embedding = CastInputConv3d(in_dim, dim, kernel_size=self.patch, stride=self.patch)
+        self.source_video_embedding_more_memory = CastInputConv3d(in_dim, dim, kernel_size=self.patch,
+                                                                  stride=self.patch)
+        self.text_embedding = nn.Sequential(CastInputLinear(text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(Fp32Linear(freq_dim, dim), nn.SiLU(), Fp32Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), Fp32Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(
             [WanAttentionBlock(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps) for _ in range(num_layers)]
         )
         self.head = WanHead(dim, out_dim, self.patch, eps)
         self._attention: SelfAttentionMethod = DenseAttention()
+        self._compute_dtype: Optional[torch.dtype] = None
         self.init_weights()
 
     @classmethod
@@ -430,6 +463,24 @@ class WanDiT(ModelMixin, ConfigMixin):
         logger.info("WanDiT self-attention: %s", method.describe())
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of every matmul outside the fp32 regions (bf16 on GPU).
+
+        Set it when the weights are stored in another dtype than they compute in (fp8 storage,
+        `wanx.memory`). Unset, it is the dtype of the modulation tables: plain parameters that
+        every `.to(dtype)` and `wanx.dit_loader.load_dit(dtype=...)` convert with the rest
+        and that no storage hook recasts (diffusers' layerwise casting recasts Linear and Conv
+        layers only).
+        """
+        return self._compute_dtype if self._compute_dtype is not None else self.head.modulation.dtype
+
+    @compute_dtype.setter
+    def compute_dtype(self, dtype: Optional[torch.dtype]) -> None:
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"compute_dtype must be a floating-point dtype or None, got {dtype}")
+        self._compute_dtype = dtype
+
+    @property
     def attention_method(self) -> SelfAttentionMethod:
         """The self-attention method in use (`wanx.attention.SelfAttentionMethod`)."""
         return self._attention
@@ -462,8 +513,7 @@ class WanDiT(ModelMixin, ConfigMixin):
             if row.dim() != 2 or row.shape[1] != text_dim or row.shape[0] > text_len:
                 raise ValueError(f"each context must be [L <= {text_len}, {text_dim}], got {tuple(row.shape)}")
         padded = torch.stack([F.pad(row, (0, 0, 0, text_len - row.shape[0])) for row in rows])
-        weight = self.text_embedding[0].weight
-        return self.text_embedding(padded.to(device=weight.device, dtype=weight.dtype))
+        return self.text_embedding(padded)  # its first layer moves the rows to its weights' device and dtype
 
     def _embed_time(self, timestep, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps -> (time embedding [B, 1, dim], projection [B, 1, 6, dim]), both fp32."""
@@ -473,19 +523,17 @@ class WanDiT(ModelMixin, ConfigMixin):
         if t.numel() != batch:
             raise ValueError(f"timestep must be a scalar or have B = {batch} entries, "
                              f"got shape {tuple(torch.as_tensor(timestep).shape)}")
-        emb = sinusoidal_embedding(self.config.freq_dim, t).float()
-        for layer in self.time_embedding:
-            emb = _fp32_linear(layer, emb) if isinstance(layer, nn.Linear) else layer(emb)
-        proj = _fp32_linear(self.time_projection[1], F.silu(emb))
+        emb = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, t).float())
+        proj = self.time_projection(emb)
         return emb.unsqueeze(1), proj.unflatten(-1, (6, -1)).unsqueeze(1)
 
-    def _patchify(self, conv: nn.Conv3d, video: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """[B, in_dim, F, H, W] -> (tokens [B, f*h*w, dim] fp32, grid (f, h, w))."""
+    def _patchify(self, conv: CastInputConv3d, video: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[B, in_dim, F, H, W] on any device -> (tokens [B, f*h*w, dim] fp32 on conv's device, grid (f, h, w))."""
         if video.dim() != 5 or video.shape[1] != self.config.in_dim:
             raise ValueError(f"latents must be [B, {self.config.in_dim}, F, H, W], got {tuple(video.shape)}")
         if any(n % p for n, p in zip(video.shape[2:], self.patch)):
             raise ValueError(f"latent (F, H, W) {tuple(video.shape[2:])} must be divisible by the patch {self.patch}")
-        tokens = conv(video.to(device=conv.weight.device, dtype=conv.weight.dtype))
+        tokens = conv(video)
         grid = tuple(tokens.shape[2:])
         return tokens.flatten(2).transpose(1, 2).float(), grid
 
@@ -529,7 +577,8 @@ class WanDiT(ModelMixin, ConfigMixin):
         layout = TokenLayout(target_len=target_len, grids=(target_grid, source_grid), step=step)
         freqs = rope_frequencies([target_grid, source_grid], self.config.dim // self.config.num_heads, device=x.device)
         time_emb, time_mod = self._embed_time(timestep, batch, x.device)
-        text = self._embed_text(context, batch)
+        dtype = self.compute_dtype
+        text = self._embed_text(context, batch).to(dtype)  # [B, text_len, dim]; cross-attention's k and v
         for block in self.blocks:
-            x = block(x, time_mod, freqs, layout, text)
+            x = block(x, time_mod, freqs, layout, text, dtype)
         return self._unpatchify(self.head(x[:, :target_len], time_emb), target_grid)
