@@ -5,13 +5,15 @@ import torch
 
 from .config import LVSAConfig
 from .flex_backend import cached_block_mask, flex_lvsa_attention
+from .gather_backend import GROUP_FRAMES, cached_gather_plan, gather_lvsa_attention
 from .layout import check_positive_int
 from .pattern import check_num_frames, check_step, lvsa_frame_mask
 from .reference import lvsa_attention_reference
 
-BACKEND_NAMES = ("flex", "torch")
+BACKEND_NAMES = ("flex", "torch", "gather")
 _DTYPES = {
     "flex": (torch.float16, torch.bfloat16, torch.float32),
+    "gather": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
 }
 
@@ -54,6 +56,21 @@ def _check_inputs(q, k, v, num_frames, tokens_per_frame, step, config, backend, 
         )
 
 
+def _check_kernel_options(backend, kernel_options) -> None:
+    """Raise a ValueError unless kernel_options is None or fits the backend (see lvsa_attention)."""
+    if kernel_options is None:
+        return
+    if backend == "flex" and isinstance(kernel_options, dict):
+        return
+    if backend == "gather" and isinstance(kernel_options, dict) and set(kernel_options) <= {"group_frames"}:
+        check_positive_int("kernel_options['group_frames']", kernel_options.get("group_frames", GROUP_FRAMES))
+        return
+    raise ValueError(
+        "kernel_options must be None, a dict with backend 'flex', or {'group_frames': n} with backend 'gather', "
+        f"got {kernel_options!r} with backend {backend!r}"
+    )
+
+
 def lvsa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -77,18 +94,23 @@ def lvsa_attention(
         tokens_per_frame: tokens of one latent frame in one part ((H/16) * (W/16) for Wan).
         step: index of the denoising step (0, 1, ...); moves the keyframes when config.rotate.
         config: `LVSAConfig`.
-        backend: "flex" (FlexAttention compiled with torch.compile: CUDA, and the CPU) or
+        backend: "flex" (FlexAttention compiled with torch.compile: CUDA, and the CPU),
+            "gather" (each group of query frames' key frames gathered into a buffer, then dense
+            FlashAttention-3 / FlashAttention-2 / SDPA: CUDA, and the CPU; forward only) or
             "torch" (masked dense attention in PyTorch, the reference: small sequences only).
         parts: copies of the clip in the sequence: 2 for [target | source], 1 for a plain video.
-        kernel_options: backend "flex" only: FlexAttention's kernel_options (e.g. tile sizes,
-            or {"BACKEND": "FLASH"}); None keeps its defaults.
+        kernel_options: backend "flex": FlexAttention's kernel_options (e.g. tile sizes, or
+            {"BACKEND": "FLASH"}); backend "gather": {"group_frames": n}, the most query frames
+            per dense call (default `GROUP_FRAMES`, 1: one call per frame); None keeps the defaults.
     Returns:
         [B, S, H, D], q's dtype.
     """
     _check_inputs(q, k, v, num_frames, tokens_per_frame, step, config, backend, parts)
-    if kernel_options is not None and (backend != "flex" or not isinstance(kernel_options, dict)):
-        raise ValueError(f"kernel_options must be None, or a dict with backend 'flex', got {kernel_options!r}")
+    _check_kernel_options(backend, kernel_options)
     if backend == "torch":
         return lvsa_attention_reference(q, k, v, lvsa_frame_mask(num_frames, step, config), tokens_per_frame, parts)
+    if backend == "gather":
+        group_frames = (kernel_options or {}).get("group_frames", GROUP_FRAMES)
+        return gather_lvsa_attention(q, k, v, cached_gather_plan(num_frames, parts, step, config, group_frames))
     block_mask = cached_block_mask(num_frames, tokens_per_frame, parts, step, config, q.device)
     return flex_lvsa_attention(q, k, v, block_mask, kernel_options=kernel_options)

@@ -1,6 +1,7 @@
 """LVSA attention: the PyTorch reference against independent float64 attention, the
-FlexAttention block masks against `create_block_mask`, and the FlexAttention path against
-the reference (eager and compiled on the CPU, compiled on CUDA)."""
+FlexAttention block masks against `create_block_mask`, the FlexAttention path against
+the reference (eager and compiled on the CPU, compiled on CUDA), and on CUDA the "gather"
+backend too (FlashAttention-3 underneath; its CPU tests are in test_lvsa_gather.py)."""
 from __future__ import annotations
 
 import math
@@ -14,7 +15,9 @@ from long_video_sparse_attention import (
     LVSAConfig,
     block_structure,
     cached_block_mask,
+    cached_gather_plan,
     flex_lvsa_attention,
+    gather_lvsa_attention,
     lvsa_attention,
     lvsa_attention_reference,
     lvsa_block_mask,
@@ -189,9 +192,9 @@ def _call(q=None, k=None, v=None, num_frames=4, tokens_per_frame=3, step=0, **kw
         (dict(tokens_per_frame=3.0), ValueError, "tokens_per_frame must be a positive int, got 3.0"),
         (dict(parts=0), ValueError, "parts must be a positive int"),
         (dict(step=-1), ValueError, "step must be an int >= 0"),
-        (dict(backend="cuda"), ValueError, "backend must be one of 'flex', 'torch', got 'cuda'"),
+        (dict(backend="cuda"), ValueError, "backend must be one of 'flex', 'torch', 'gather', got 'cuda'"),
         (dict(config={"window": 3}), TypeError, "config must be an LVSAConfig"),
-        (dict(backend="torch", kernel_options={"BLOCK_M": 64}), ValueError, "kernel_options must be None, or a dict"),
+        (dict(backend="torch", kernel_options={"BLOCK_M": 64}), ValueError, "kernel_options must be None, a dict"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(kwargs, error, message):
@@ -209,12 +212,17 @@ def test_reference_refuses_a_mismatched_sequence_and_an_empty_row():
         lvsa_attention_reference(q, q, q, empty_row, 3)
 
 
-def _check_flex_on_cuda(num_frames, tokens_per_frame, heads, dim, step, config, dtype):
-    """FlexAttention's error against a float64 oracle is at most twice the error of the PyTorch
+def _check_on_cuda(backend, num_frames, tokens_per_frame, heads, dim, step, config, dtype):
+    """The backend's error against a float64 oracle is at most twice the error of the PyTorch
     reference at the same precision (which rounds its output to `dtype`), plus a small floor:
-    a bound that scales with the dtype instead of a hand-picked tolerance per dtype."""
+    a bound that scales with the dtype instead of a hand-picked tolerance per dtype. The
+    "gather" backend writes into a NaN-filled output, so that a row it never writes fails."""
     q, k, v = _packed_qkv(2, num_frames, tokens_per_frame, heads, dim, dtype, device="cuda")
-    out = lvsa_attention(q, k, v, num_frames, tokens_per_frame, step, config, backend="flex")
+    if backend == "gather":
+        plan = cached_gather_plan(num_frames, 2, step, config)
+        out = gather_lvsa_attention(q, k, v, plan, out=torch.full_like(q, float("nan")))
+    else:
+        out = lvsa_attention(q, k, v, num_frames, tokens_per_frame, step, config, backend=backend)
     assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
     frame_mask = lvsa_frame_mask(num_frames, step, config)
     reference = lvsa_attention_reference(q, k, v, frame_mask, tokens_per_frame)
@@ -222,23 +230,25 @@ def _check_flex_on_cuda(num_frames, tokens_per_frame, heads, dim, step, config, 
     reference_error = _relative_l2(reference, exact)
     assert reference_error < 8 * torch.finfo(dtype).eps  # the reference itself: about one rounding to dtype
     assert _relative_l2(out, exact) <= 2 * reference_error + 1e-6
-    return q, k, v, frame_mask, reference
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flex", "gather"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_flex_on_cuda_equals_the_reference_in_every_dtype(dtype):
-    _check_flex_on_cuda(22, 35, 3, 64, 1, DEFAULTS, dtype)
+def test_on_cuda_equals_the_reference_in_every_dtype(backend, dtype):
+    _check_on_cuda(backend, 22, 35, 3, 64, 1, DEFAULTS, dtype)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flex", "gather"])
 @pytest.mark.parametrize(
     "num_frames, tokens_per_frame, heads, dim, step, config",
     [
         (41, 130, 2, 128, 2, DEFAULTS),
         (81, 48, 2, 128, 0, DEFAULTS),
         (5, 2040, 1, 128, 1, LVSAConfig(window=1, keyframe_interval=3)),  # Wan's 2,040 tokens per frame at 544x960
+        (21, 96, 2, 128, 1, DEFAULTS),  # dense: one dense call for "gather"
     ],
 )
-def test_flex_on_cuda_equals_the_reference_at_larger_sizes(num_frames, tokens_per_frame, heads, dim, step, config):
-    _check_flex_on_cuda(num_frames, tokens_per_frame, heads, dim, step, config, torch.bfloat16)
+def test_on_cuda_equals_the_reference_at_larger_sizes(backend, num_frames, tokens_per_frame, heads, dim, step, config):
+    _check_on_cuda(backend, num_frames, tokens_per_frame, heads, dim, step, config, torch.bfloat16)
