@@ -1,4 +1,4 @@
-"""LVSA benchmark: Long-Video Sparse Attention on FlexAttention against dense attention.
+"""LVSA benchmark: Long-Video Sparse Attention (FlexAttention, gathered frames) against dense attention.
 
 For each clip length (161 and 321 video frames by default, i.e. 41 and 81 latent frames, at
 544x960: 2,040 tokens per latent frame, S = 2 * F * 2,040 = 167,280 and 330,480 tokens for
@@ -6,11 +6,17 @@ For each clip length (161 and 321 video frames by default, i.e. 41 and 81 latent
 
 - the median time (triton.testing.do_bench, CUDA events) of dense attention on SDPA's
   cuDNN kernel and on FlashAttention-3 when it is importable (`flash_attn_interface` or
-  `fa3_fwd_interface`), and of LVSA (`lvsa_attention`, backend "flex") at the first
-  --steps denoising steps (the keyframes move with the step), on FlexAttention's default
-  Triton kernel and, when `flash_attn.cute` is importable, on its experimental FLASH one;
-- LVSA's attended fraction (share of the (query, key) token pairs it attends) and the share
-  of 128 x 128 tiles the kernel computes (partial tiles at frame boundaries included);
+  `fa3_fwd_interface`), and of LVSA (`lvsa_attention`) at the first --steps denoising steps
+  (the keyframes move with the step) on the kernels --kernels names:
+  "flex": backend "flex", FlexAttention's default Triton kernel and, when `flash_attn.cute`
+  is importable, its experimental FLASH one ("flex_flash");
+  "gather": backend "gather", each group of query frames with their key frames gathered into
+  buffers and one dense call (FlashAttention-3 when importable), once per --group-frames
+  value ("gather_g8": at most 8 query frames per dense call);
+- LVSA's attended fraction (share of the (query, key) token pairs it attends) and, for
+  "flex", the share of 128 x 128 tiles the kernel computes (partial tiles at frame
+  boundaries included; "gather" computes the attended pairs alone, shown as "-");
+- on CUDA, the peak memory a call takes beyond its inputs and output (JSON and the log);
 - the achieved fraction of FlashAttention-3's speed per attended FLOP,
   attended fraction * FA3 time / LVSA time; the goal is >= 0.85, i.e.
   LVSA time <= attended fraction * FA3 time / 0.85;
@@ -19,10 +25,11 @@ For each clip length (161 and 321 video frames by default, i.e. 41 and 81 latent
 
     python benchmarks/bench_lvsa.py                        # GPU; writes docs/bench_lvsa.json
     python benchmarks/bench_lvsa.py --frames 321 --heads 40 --warmup 100 --rep 500
+    python benchmarks/bench_lvsa.py --kernels gather --group-frames 8 4 2 1
     python benchmarks/bench_lvsa.py --smoke                # tiny sizes on the CPU, in seconds
 
 --smoke defaults to tiny sizes (options given still apply), runs FlexAttention eagerly (no
-compile), times with a wall clock and writes JSON only where --json says: it checks the
+compile) and the gather backend on SDPA, times with a wall clock and writes JSON only where --json says: it checks the
 script, not the speed.
 """
 from __future__ import annotations
@@ -47,7 +54,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the package
 
+from in_context_sparse_attention.dense import dense_kernel_name  # noqa: E402
 from long_video_sparse_attention import (  # noqa: E402
+    GROUP_FRAMES,
     LVSAConfig,
     attended_fraction,
     block_structure,
@@ -61,6 +70,7 @@ from long_video_sparse_attention import (  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 GOAL = 0.85  # LVSA should reach this fraction of FlashAttention-3's speed per attended FLOP
+KERNELS = ("flex", "gather")
 SMOKE = dict(frames=[85, 105], height=48, width=64, heads=2, head_dim=32, dtype="float32", check_rows=64)
 
 
@@ -139,18 +149,48 @@ def dense_baselines(device: torch.device, dtype: torch.dtype) -> dict:
     return baselines
 
 
-def lvsa_kernels(device: torch.device) -> dict:
-    """name -> FlexAttention kernel_options of the LVSA kernels to time: the default (Triton)
-    kernel, and FlexAttention's experimental FlashAttention (CuTe-DSL) one when flash_attn.cute
-    is importable."""
-    kernels = {"flex": None}
-    try:
-        flash_cute = device.type == "cuda" and importlib.util.find_spec("flash_attn.cute") is not None
-    except ImportError:
-        flash_cute = False
-    if flash_cute:
-        kernels["flex_flash"] = {"BACKEND": "FLASH"}
-    return kernels
+def kernel_list(text: str) -> list[str]:
+    """--kernels: comma-separated names out of KERNELS."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in KERNELS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(KERNELS)} (comma-separated), got {text!r}")
+    return names
+
+
+def lvsa_kernels(device: torch.device, kernels: list[str], group_frames: list[int]) -> dict:
+    """name -> (backend, kernel_options) of the LVSA kernels to time.
+
+    "flex": FlexAttention's default (Triton) kernel, and its experimental FlashAttention
+    (CuTe-DSL) one when flash_attn.cute is importable; "gather": one entry per group size,
+    "gather_g{n}" with at most n query frames per dense call."""
+    chosen = {}
+    if "flex" in kernels:
+        chosen["flex"] = ("flex", None)
+        try:
+            flash_cute = device.type == "cuda" and importlib.util.find_spec("flash_attn.cute") is not None
+        except ImportError:
+            flash_cute = False
+        if flash_cute:
+            chosen["flex_flash"] = ("flex", {"BACKEND": "FLASH"})
+    if "gather" in kernels:
+        for frames in group_frames:
+            chosen[f"gather_g{frames}"] = ("gather", {"group_frames": frames})
+    return chosen
+
+
+def run_with_peak_memory(fn, device: torch.device) -> tuple[torch.Tensor, float | None]:
+    """fn()'s output, and on CUDA the memory it took at its peak beyond what was allocated
+    before the call and the output it returns, in GB (None on the CPU)."""
+    if device.type != "cuda":
+        return fn(), None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    extra = torch.cuda.max_memory_allocated(device) - before - out.numel() * out.element_size()
+    return out, extra / 1e9
 
 
 def sampled_rows_error(q, k, v, out, frame_mask, tokens_per_frame, rows: int) -> float:
@@ -195,13 +235,13 @@ def run_clip(video_frames: int, args, device: torch.device, dtype: torch.dtype, 
         frame_mask = lvsa_frame_mask(num_frames, step, config)
         fraction = attended_fraction(frame_mask)
         tiles = block_structure(frame_mask.to(device), tokens_per_frame).computed_fraction
-        for kernel, kernel_options in lvsa_kernels(device).items():
-            if args.smoke:  # eager FlexAttention: no compile on the CPU
+        for kernel, (backend, kernel_options) in lvsa_kernels(device, args.kernels, args.group_frames).items():
+            if args.smoke and backend == "flex":  # eager FlexAttention: no compile on the CPU
                 block_mask = cached_block_mask(num_frames, tokens_per_frame, 2, step, config, device)
                 attend = functools.partial(flex_lvsa_attention, q, k, v, block_mask, compiled=False)
             else:
                 attend = functools.partial(
-                    lvsa_attention, q, k, v, num_frames, tokens_per_frame, step, config, "flex",
+                    lvsa_attention, q, k, v, num_frames, tokens_per_frame, step, config, backend,
                     kernel_options=kernel_options,
                 )
             try:
@@ -210,12 +250,18 @@ def run_clip(video_frames: int, args, device: torch.device, dtype: torch.dtype, 
                 reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                 print(f"  LVSA {kernel} step {step}: not run ({reason})")
                 continue
-            relative_error = sampled_rows_error(q, k, v, attend(), frame_mask, tokens_per_frame, args.check_rows)
+            out, extra_gb = run_with_peak_memory(attend, device)
+            relative_error = sampled_rows_error(q, k, v, out, frame_mask, tokens_per_frame, args.check_rows)
+            del out
             row = {
                 "step": step,
                 "kernel": kernel,
+                "backend": backend,
+                "kernel_options": kernel_options,
+                "dense_kernel": dense_kernel_name(q) if backend == "gather" else None,
                 "attended_fraction": fraction,
-                "computed_tile_fraction": tiles,
+                "computed_tile_fraction": tiles if backend == "flex" else None,
+                "peak_extra_gb": extra_gb,
                 "lvsa_ms": lvsa_ms,
                 "lvsa_attended_tflops": fraction * dense_flops / lvsa_ms / 1e9,
                 "relative_l2_sampled_rows": relative_error,
@@ -225,8 +271,10 @@ def run_clip(video_frames: int, args, device: torch.device, dtype: torch.dtype, 
                 row[f"speed_per_attended_flop_vs_{name}"] = fraction * ms / lvsa_ms
             if "fa3" in dense_ms:
                 row["meets_goal"] = row["speed_per_attended_flop_vs_fa3"] >= GOAL
-            print(f"  LVSA {kernel} step {step}: attended {fraction:.3f}, tiles {tiles:.3f}, {lvsa_ms:.2f} ms, "
-                  f"{row['lvsa_attended_tflops']:.0f} attended TFLOP/s, rel. L2 {relative_error:.2e}"
+            details = f"tiles {tiles:.3f}" if backend == "flex" else f"on {row['dense_kernel']}"
+            memory = f", peak extra {extra_gb:.2f} GB" if extra_gb is not None else ""
+            print(f"  LVSA {kernel} step {step}: attended {fraction:.3f}, {details}, {lvsa_ms:.2f} ms, "
+                  f"{row['lvsa_attended_tflops']:.0f} attended TFLOP/s, rel. L2 {relative_error:.2e}{memory}"
                   + "".join(f", x{ms / lvsa_ms:.2f} vs {name}" for name, ms in dense_ms.items()), flush=True)
             steps.append(row)
     del q, k, v
@@ -262,7 +310,8 @@ def markdown_table(results: list[dict]) -> str:
         for row in clip["lvsa"]:
             lines.append(
                 f"| {clip['video_frames']} | {clip['latent_frames']} | {clip['seq_len']:,} | {row['step']} "
-                f"| {row['kernel']} | {row['attended_fraction']:.3f} | {row['computed_tile_fraction']:.3f} "
+                f"| {row['kernel']} | {row['attended_fraction']:.3f} "
+                f"| {cell(row['computed_tile_fraction'], '{:.3f}')} "
                 f"| {cell(dense.get('sdpa_cudnn'), '{:.1f}')} | {cell(dense.get('fa3'), '{:.1f}')} "
                 f"| {row['lvsa_ms']:.1f} | {cell(row.get('speedup_vs_fa3'), 'x{:.2f}')} "
                 f"| {cell(row.get('speed_per_attended_flop_vs_fa3'), '{:.2f}')} "
@@ -285,6 +334,10 @@ def main() -> None:
     parser.add_argument("--check-rows", type=int, default=1024, help="query rows of the error check")
     parser.add_argument("--json", default=None, help="JSON output (default docs/bench_lvsa.json, none with --smoke)")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    parser.add_argument("--kernels", type=kernel_list, default=list(KERNELS),
+                        help=f"LVSA kernels to time, comma-separated (default {','.join(KERNELS)})")
+    parser.add_argument("--group-frames", type=int, nargs="+", default=[GROUP_FRAMES, 1],
+                        help="kernel gather: most query frames per dense call, one row per value")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, eager FlexAttention")
     args = parser.parse_args()
     if args.smoke:
@@ -298,6 +351,8 @@ def main() -> None:
             parser.error("needs a CUDA GPU (or --smoke for the CPU)")
         device = torch.device("cuda")
         args.json = args.json or str(REPOSITORY / "docs" / "bench_lvsa.json")
+    if any(frames < 1 for frames in args.group_frames):
+        parser.error(f"--group-frames must be positive ints, got {args.group_frames}")
     for frames in args.frames:
         try:
             latent_frames(frames)
