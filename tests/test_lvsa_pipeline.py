@@ -125,7 +125,7 @@ def test_method_options_and_refusals():
     assert (method.config.window, method.kernel) == (1, "flex") and "LVSA" in method.describe()
     with pytest.raises(TypeError, match="LVSAConfig or an LVSAOptions, got ISAConfig"):
         make_attention("lvsa", ISAConfig())
-    with pytest.raises(ValueError, match="kernel must be one of 'auto', 'flex', 'torch', got 'cuda'"):
+    with pytest.raises(ValueError, match="kernel must be one of 'auto', 'flex', 'torch', 'gather', got 'cuda'"):
         LVSAOptions(kernel="cuda")
     q = torch.randn(1, 2 * 4 * 3, 1, 8)
     with pytest.raises(ValueError, match="one token grid"):
@@ -156,7 +156,7 @@ def test_config_section_builds_the_options():
     ("attention.lvsa.keyframe_interval=0", "LVSAConfig.keyframe_interval must be None"),
     ("attention.lvsa.keyframe_interval=1.5", "attention.lvsa.keyframe_interval must be an integer"),
     ("attention.lvsa.rotate=yes", "attention.lvsa.rotate must be true or false"),
-    ("attention.lvsa.kernel=cuda", "attention.lvsa.kernel must be one of auto, flex, torch, got 'cuda'"),
+    ("attention.lvsa.kernel=cuda", "attention.lvsa.kernel must be one of auto, flex, torch, gather, got 'cuda'"),
     ("attention.lvsa.windw=2", "unknown key 'attention.lvsa.windw'"),
     ("attention.lvsa=3", "attention.lvsa must be a section"),
     ("attention.backend=lvsb", "choose one of dense, torch, triton, tilelang, lvsa"),
