@@ -39,13 +39,21 @@ FULL_STEPS = 32
 STAGES = ("preprocess", "text", "vae_encode", "denoise", "vae_decode", "write")
 
 
-def make_input(path: str, frames: int, height: int, width: int) -> None:
-    """The demo scene drawn at the benchmark's size (assets/make_demo_video.py)."""
+def draw_input(frames: int, height: int, width: int) -> np.ndarray:
+    """The demo scene drawn at the benchmark's size (assets/make_demo_video.py): uint8 [F, H, W, 3]."""
     from make_demo_video import draw_frame
 
-    from wanx.video import write_video
+    return np.stack([draw_frame(k, frames, height, width) for k in range(frames)])
 
-    write_video(path, np.stack([draw_frame(k, frames, height, width) for k in range(frames)]), fps=16)
+
+def ffmpeg_available() -> bool:
+    """Whether video files can be read and written here (imageio-ffmpeg brings the ffmpeg binary)."""
+    try:
+        import imageio_ffmpeg
+
+        return bool(imageio_ffmpeg.get_ffmpeg_exe())
+    except (ImportError, RuntimeError):
+        return False
 
 
 def versions() -> dict:
@@ -58,7 +66,7 @@ def versions() -> dict:
     return found
 
 
-def run_method(pipe, source, method: str, prompt: str, folder: str, monitor) -> dict:
+def run_method(pipe, source, method: str, prompt: str, folder: str, monitor, write: bool) -> dict:
     """One edit with `method` (its options from the pipeline's config); seconds and peak memory per stage."""
     from wanx.config import attention_options
     from wanx.video import encode_video
@@ -70,13 +78,14 @@ def run_method(pipe, source, method: str, prompt: str, folder: str, monitor) -> 
     started = monitor.now() if monitor else None
     result = pipe.edit(source, prompt, progress=False)
     gpu_state = monitor.state_since(started) if monitor else None
-    start = time.perf_counter()
-    encode_video(os.path.join(folder, f"{method}.mp4"), result.video, fps=result.fps)
-    result.timings["write"] = time.perf_counter() - start
+    if write:
+        start = time.perf_counter()
+        encode_video(os.path.join(folder, f"{method}.mp4"), result.video, fps=result.fps)
+        result.timings["write"] = time.perf_counter() - start
     steps = result.step_seconds
     steady = steps[1:] if len(steps) > 1 else steps
     step_median = statistics.median(steady)
-    stages = {name: result.timings[name] for name in STAGES}
+    stages = {name: result.timings[name] for name in STAGES if name in result.timings}
     measured_total = sum(stages.values())
     full_total = measured_total - stages["denoise"] + steps[0] + step_median * (FULL_STEPS - 1)
     return {
@@ -89,12 +98,16 @@ def run_method(pipe, source, method: str, prompt: str, folder: str, monitor) -> 
     }
 
 
+def _seconds(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def markdown(report: dict) -> str:
     a = report["args"]
     lines = [f"Whole edit, {a['frames']} frames {a['width']}x{a['height']}, {report['steps']} measured steps "
              f"(CFG batch {report['batch']}), {report['device']}, {report['date']}.",
              f"Command: `{report['command']}`", "",
-             "| method | dense kernel | read s | text s | VAE enc s | step s (median) | first step s | "
+             "| method | dense kernel | read + resize s | text s | VAE enc s | step s (median) | first step s | "
              "VAE dec s | write s | 32-step edit s | peak GiB (denoise) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
@@ -103,9 +116,13 @@ def markdown(report: dict) -> str:
         peak = r["peak_memory_gib"].get("denoise")
         lines.append(f"| {r['method']} | {r['dense_kernel']} | {s['preprocess']:.2f} | {s['text']:.2f} | "
                      f"{s['vae_encode']:.2f} | {r['step_median_s']:.2f} | {r['first_step_s']:.2f} | "
-                     f"{s['vae_decode']:.2f} | {s['write']:.2f} | {r['full_edit_s']:.1f}{star} | "
+                     f"{s['vae_decode']:.2f} | {_seconds(s.get('write'))} | {r['full_edit_s']:.1f}{star} | "
                      f"{'-' if peak is None else f'{peak:.1f}'} |")
-    lines += ["", f"Loading (building the random networks on the device): {report['load_s']:.1f} s, once.",
+    lines += ["", f"Loading (building the random networks on the device): {report['load_s']:.1f} s, once."]
+    if not report["video_io"]:
+        lines.append("No ffmpeg on this machine: the source was drawn in memory (the read + resize column is "
+                     "the resize alone) and no mp4 was written (the totals hold no read and no write time).")
+    lines += [
               "\\* extrapolated: the measured stages, the first step, and the median of the later steps "
               f"for the remaining {FULL_STEPS - 1} steps." if any(r["full_edit_extrapolated"]
                                                                   for r in report["results"]) else ""]
@@ -132,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.json or os.path.join(ROOT, "docs", "bench_edit_tiny.json" if args.tiny else "bench_edit.json")
 
     from wanx.config import isa_config, load_config
-    from wanx.pipeline import EditingPipeline, read_source
+    from wanx.pipeline import EditingPipeline, SourceVideo, read_source
+    from wanx.video import write_video
 
     overrides = [f"sampler.steps={args.steps}", f"video.max_frames={args.frames}",
                  f"video.size=[{args.height},{args.width}]"]
@@ -144,12 +162,20 @@ def main(argv: list[str] | None = None) -> int:
                                                                             "attention.backend=dense"])
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     with tempfile.TemporaryDirectory() as folder:
-        path = args.input
-        if path is None:
-            path = os.path.join(folder, "input.mp4")
-            make_input(path, args.frames, args.height, args.width)
-        source = read_source(cfg, path)
-        print(f"input {path}: {source.video.shape[1]} frames at {source.video.shape[3]}x{source.video.shape[2]}",
+        video_io = ffmpeg_available()
+        if video_io:
+            path = args.input
+            if path is None:
+                path = os.path.join(folder, "input.mp4")
+                write_video(path, draw_input(args.frames, args.height, args.width), fps=16)
+            source = read_source(cfg, path)
+        else:
+            if args.input is not None:
+                parser.error("--input needs ffmpeg (imageio-ffmpeg), which is not installed here")
+            print("no ffmpeg here (imageio-ffmpeg missing): the source is drawn in memory and no mp4 is written; "
+                  "the read and write stages are not timed", flush=True)
+            source = SourceVideo.from_frames(cfg, draw_input(args.frames, args.height, args.width))
+        print(f"input: {source.video.shape[1]} frames at {source.video.shape[3]}x{source.video.shape[2]}",
               flush=True)
         pipe = EditingPipeline.load(cfg, progress=False)
         isa = isa_config(cfg)
@@ -164,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             results = []
             for method in methods:
                 print(f"{method}: editing ({args.steps} steps)...", flush=True)
-                results.append(run_method(pipe, source, method, args.prompt, folder, monitor))
+                results.append(run_method(pipe, source, method, args.prompt, folder, monitor, write=video_io))
                 r = results[-1]
                 print(f"{method}: step median {r['step_median_s']:.2f} s, stages "
                       + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_s"].items()), flush=True)
@@ -176,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"),
-        "versions": versions(), "args": vars(args), "steps": args.steps, "batch": 2,
+        "versions": versions(), "args": vars(args), "steps": args.steps, "batch": 2, "video_io": video_io,
         "load_s": pipe.load_seconds, "isa_config": dataclasses.asdict(isa),
         "results": results,
     }
