@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import model as model_module
 from in_context_sparse_attention import ISAConfig, dense_kernel_name
-from model import TINY_CONFIG, WanDiT
+from model import TINY_CONFIG
+from wanx.attention import LVSAOptions, SelfAttentionMethod, make_attention
+from wanx.random_weights import random_dit
 
 
 class OpTimer:
@@ -73,52 +75,34 @@ class OpTimer:
         return totals
 
 
-def is_self_attention(q, k, *rest) -> bool:
-    """Self-attention has as many keys as queries; cross-attention has text_len keys."""
-    return q.shape[1] == k.shape[1]
-
-
-def build_random_model(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> WanDiT:
-    """Random weights straight on `device`: built on meta in `dtype`, then materialised there.
-
-    Wan's init zeroes the head, which would make every backend's output identical; the head
-    gets N(0, 0.02) so that the dense-vs-ISA comparison means something.
-    """
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = WanDiT(**config)
-    finally:
-        torch.set_default_dtype(previous)
-    model = model.to_empty(device=device)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        model.init_weights()
-        for block in model.blocks:
-            for norm in (
-                block.self_attn.norm_q,
-                block.self_attn.norm_k,
-                block.cross_attn.norm_q,
-                block.cross_attn.norm_k,
-            ):
-                norm.weight.fill_(1.0)
-            block.norm3.weight.fill_(1.0)
-            block.norm3.bias.zero_()
-            block.modulation.normal_(0.0, config.get("dim", 5120) ** -0.5)
-        model.head.modulation.normal_(0.0, config.get("dim", 5120) ** -0.5)
-        model.head.head.weight.normal_(0.0, 0.02)
-    return model.eval()
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def run_backend(model, backend, isa_config, inputs, repeats, device, timer):
+class TimedAttention(SelfAttentionMethod):
+    """A self-attention method whose calls `timer` adds up under "attention"."""
+
+    def __init__(self, inner: SelfAttentionMethod, timer):
+        self.inner, self.name, self.uses_gate = inner, inner.name, inner.uses_gate
+        self.timed_call = timer.wrap(inner.__call__, "attention")
+
+    def __call__(self, q, k, v, layout, gate=None):
+        return self.timed_call(q, k, v, layout, gate)
+
+
+def method_options(backend: str):
+    """The options each method runs with here: ISA's and LVSA's defaults (LVSA on its default kernel)."""
+    if backend == "dense":
+        return None
+    if backend == "lvsa":
+        return LVSAOptions()
+    return ISAConfig()
+
+
+def run_backend(model, backend, inputs, repeats, device, timer):
     """Warm-up plus `repeats` timed forwards -> (result dict, last output)."""
-    model.set_attention(backend, None if backend == "dense" else isa_config)
+    model.set_attention(TimedAttention(make_attention(backend, method_options(backend)), timer))
     with torch.no_grad():
         start = time.perf_counter()
         model(*inputs)
@@ -197,7 +181,7 @@ def main() -> None:
     print(json.dumps(info, indent=1))
 
     start = time.perf_counter()
-    model = build_random_model(config, device, dtype, args.seed)
+    model = random_dit(config, device=device, dtype=dtype, seed=args.seed)
     synchronize(device)
     info["build_seconds"] = time.perf_counter() - start
     info["parameters"] = model.parameter_report()
@@ -213,14 +197,12 @@ def main() -> None:
     )
 
     timer = OpTimer(device.type == "cuda")
-    model_module.dense_attention = timer.wrap(model_module.dense_attention, "attention", only=is_self_attention)
-    model_module.editing_sparse_attention = timer.wrap(model_module.editing_sparse_attention, "attention")
     model_module.apply_rope = timer.wrap(model_module.apply_rope, "rope")
 
     results, reference = [], None
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         try:
-            result, out = run_backend(model, backend, ISAConfig(), inputs, args.repeats, device, timer)
+            result, out = run_backend(model, backend, inputs, args.repeats, device, timer)
         except ValueError as error:
             print(f"{backend}: skipped: {error}")
             results.append({"backend": backend, "skipped": str(error)})

@@ -109,8 +109,10 @@ class LVSAOptions:
 
     Attributes:
         config: the `LVSAConfig` (window, anchors, keyframe interval, rotation).
-        kernel: "flex" (FlexAttention), "torch" (the PyTorch reference, which builds the
-            [S, S] mask: small sequences only) or "auto" (flex on CUDA, torch elsewhere).
+        kernel: "gather" (each query-frame group's keys gathered for one dense FlashAttention
+            call; the fastest on the H200, docs/lvsa.md), "flex" (FlexAttention), "torch" (the
+            PyTorch reference, which builds the [S, S] mask: small sequences only) or "auto"
+            (gather on CUDA, torch elsewhere).
     """
 
     config: LVSAConfig = LVSAConfig()
@@ -128,7 +130,7 @@ def lvsa_kernel(kernel: str, device: torch.device) -> str:
     """The LVSA kernel that runs on `device`: `kernel` itself unless it is "auto"."""
     if kernel != "auto":
         return kernel
-    return "flex" if device.type == "cuda" else "torch"
+    return "gather" if device.type == "cuda" else "torch"  # gather: FA3 per query-frame group (docs/lvsa.md)
 
 
 class LVSAAttention(SelfAttentionMethod):

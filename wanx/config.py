@@ -81,7 +81,7 @@ class LVSASection:
     keyframe_interval: Optional[int] = LVSAConfig.keyframe_interval  # null: picked from the clip's length
     rotate: bool = LVSAConfig.rotate
     expand_window: bool = LVSAConfig.expand_window
-    kernel: str = "auto"  # auto (flex on CUDA, torch elsewhere) | flex | torch
+    kernel: str = "auto"  # auto (gather on CUDA, torch elsewhere) | gather | flex | torch
 
 
 @dataclass
