@@ -35,6 +35,7 @@ STAGE_LABELS = {"preprocess": "read and resize", "text": "text encoder", "vae_en
                 "denoise": "denoise", "vae_decode": "VAE decode", "write": "mp4 write"}
 STAGE_COLORS = {"preprocess": "#8c8c8c", "text": "#9467bd", "vae_encode": "#2ca02c", "denoise": "#1f77b4",
                 "vae_decode": "#98df8a", "write": "#ff7f0e"}
+OPTIONAL_STAGES = ("write",)
 METHOD_STYLES = {"sdpa_cudnn": ("#7f7f7f", "s", "--"), "flash_attn_3": ("#000000", "D", "--"),
                  "triton": ("#d62728", "o", "-"), "tilelang": ("#1f77b4", "^", "-")}
 OTHER_STYLE = ("#2ca02c", "v", "-")
@@ -138,12 +139,15 @@ def edit_bars(report: dict, path: str) -> tuple[list[str], dict, list[float], st
     if not rows:
         raise ValueError(f"{path}: 'results' is empty")
     steps = field(report, path, "steps")
-    methods, seconds, totals = [], {stage: [] for stage in STAGE_LABELS}, []
+    # the mp4 write is not timed where ffmpeg is missing (bench_edit's "video_io": false)
+    timed = [stage for stage in STAGE_LABELS if stage not in OPTIONAL_STAGES
+             or all(stage in (row.get("stages_s") or {}) for row in rows)]
+    methods, seconds, totals = [], {stage: [] for stage in timed}, []
     extrapolated = False
     for i in range(len(rows)):
         method = field(report, path, "results", i, "method")
         methods.append(method if method == "dense" else f"ISA {method}")
-        stages = {stage: field(report, path, "results", i, "stages_s", stage) for stage in STAGE_LABELS}
+        stages = {stage: field(report, path, "results", i, "stages_s", stage) for stage in timed}
         if field(report, path, "results", i, "full_edit_extrapolated"):
             extrapolated = True
             first = field(report, path, "results", i, "first_step_s")
@@ -168,8 +172,8 @@ def plot_edit(report: dict, path: str, out_path: str) -> None:
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     positions = list(range(len(methods)))[::-1]  # the first method on top
     left = [0.0] * len(methods)
-    for stage, label in STAGE_LABELS.items():
-        widths = seconds[stage]
+    for stage, widths in seconds.items():
+        label = STAGE_LABELS[stage]
         ax.barh(positions, widths, left=left, height=0.6, color=STAGE_COLORS[stage],
                 label=denoise_label if stage == "denoise" else label)
         for y, x0, width in zip(positions, left, widths):
@@ -182,7 +186,8 @@ def plot_edit(report: dict, path: str, out_path: str) -> None:
     ax.set_xlim(0, max(totals) * 1.12)
     ax.set_xlabel(f"seconds for a whole {FULL_STEPS}-step edit")
     shape = f"{args.get('frames', '?')} frames {args.get('width', '?')}x{args.get('height', '?')}"
-    ax.set_title(f"Whole edit by attention method, {shape}: {device}, {date}", fontsize=10)
+    untimed = "" if "write" in seconds else " (mp4 write not timed)"
+    ax.set_title(f"Whole edit by attention method, {shape}: {device}, {date}{untimed}", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
     ax.set_axisbelow(True)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=9, frameon=False)
