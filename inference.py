@@ -140,14 +140,41 @@ def check_weights(cfg) -> None:
         raise CliError(str(exc)) from exc
 
 
-def run(args) -> int:
-    """Plan, and unless --dry-run, load, edit and write; raises CliError on failure."""
-    from wanx import components, pipeline, planning, report
-    from wanx.config import ConfigError, load_config, one_line
-    from wanx.dit_loader import CheckpointError
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (RANK), or the only process: the one that prints and writes."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def write_outputs(outputs: list[str], videos: dict, fps: float) -> None:
+    """Encode, verify and publish every output together (`wanx.outputs.OutputSet`); CliError on failure."""
     from wanx.outputs import OutputError, OutputSet
     from wanx.video import VideoError, encode_video
 
+    try:
+        with OutputSet(outputs) as staged:
+            for path, frames in videos.items():
+                encode_video(staged.stage(path), frames, fps=fps)
+            staged.publish()
+    except (VideoError, OutputError) as exc:
+        raise CliError(f"{exc} (nothing was written)", status=1) from exc
+    except OSError as exc:
+        raise CliError(f"cannot write the output: {exc.strerror or exc} (nothing was written)", status=1) from exc
+
+
+def run(args) -> int:
+    """Plan, and unless --dry-run, load, edit and write; raises CliError on failure.
+
+    Under torchrun every process runs this: all check the same input (so all refuse it alike,
+    before any process group starts), only rank 0 prints and writes, and a failure on any rank
+    stops every rank with one line (`wanx.parallel`)."""
+    from wanx import components, pipeline, planning, report
+    from wanx.config import ConfigError, load_config, one_line
+    from wanx.dit_loader import CheckpointError
+    from wanx.parallel import ParallelContext, ParallelError
+    from wanx.video import VideoError
+
+    main = is_main_process()
+    say = print if main else (lambda *_, **__: None)
     outputs = check_arguments(args)
     try:
         cfg = load_config(args.config, list(args.overrides), flag_settings(args))
@@ -160,44 +187,51 @@ def run(args) -> int:
         plan = planning.make_plan(cfg, source)
     except (VideoError, ConfigError) as exc:
         raise CliError(str(exc)) from exc
-    print(report.format_plan(plan), flush=True)
+    say(report.format_plan(plan), flush=True)
     if args.dry_run:
         for role, path in components.weight_paths(cfg).items():
             state = "not set" if path is None else ("found" if os.path.exists(path) else "MISSING")
-            print(f"weights     model.{role}: {path} ({state})")
-        print("dry run: nothing loaded, nothing written")
+            say(f"weights     model.{role}: {path} ({state})")
+        say("dry run: nothing loaded, nothing written")
         return 0
 
-    if cfg.model.kind == "tiny":
-        print("NOTE: the 'tiny' model has RANDOM weights: the pipeline runs end to end, but the "
-              "output is noise-like, not an edit.", flush=True)
+    p = cfg.parallel
     try:
-        pipe = pipeline.EditingPipeline.load(cfg, progress=not args.quiet)
+        context = ParallelContext.from_environment(
+            p.ulysses_degree, p.cfg_degree, p.shard_weights, device_type=components.resolve_device(cfg).type,
+            num_heads=plan.heads, timeout_s=p.timeout_s)
     except ConfigError as exc:
         raise CliError(str(exc)) from exc
-    except (CheckpointError, OSError) as exc:
-        raise CliError(f"cannot load the model: {one_line(exc)}", status=1) from exc
     try:
-        result = pipe.edit(source, args.prompt, progress=not args.quiet)
-    except pipeline.NonFiniteError as exc:
-        raise CliError(str(exc), status=1) from exc
+        if cfg.model.kind in ("tiny", "random"):
+            say(f"NOTE: the {cfg.model.kind!r} model has RANDOM weights: the pipeline runs end to end, but the "
+                "output is noise-like, not an edit.", flush=True)
+        try:
+            pipe = pipeline.EditingPipeline.load(cfg, progress=not args.quiet, parallel=context)
+            result = pipe.edit(source, args.prompt, progress=not args.quiet)
+        except ConfigError as exc:
+            raise CliError(str(exc)) from exc
+        except (CheckpointError, OSError) as exc:
+            raise CliError(f"cannot load the model: {one_line(exc)}", status=1) from exc
+        except pipeline.NonFiniteError as exc:
+            raise CliError(str(exc), status=1) from exc
 
-    start = time.perf_counter()
-    videos = {args.output: result.video}
-    if args.compare:
-        videos[compare_path(args.output)] = pipeline.side_by_side(result.source, result.video)
-    try:
-        with OutputSet(outputs) as staged:
-            for path, frames in videos.items():
-                encode_video(staged.stage(path), frames, fps=result.fps)
-            staged.publish()
-    except (VideoError, OutputError) as exc:
-        raise CliError(f"{exc} (nothing was written)", status=1) from exc
-    except OSError as exc:
-        raise CliError(f"cannot write the output: {exc.strerror or exc} (nothing was written)", status=1) from exc
-    result.timings["write"] = time.perf_counter() - start
-    print(report.format_summary(result, outputs), flush=True)
-    return 0
+        start = time.perf_counter()
+        videos = {args.output: result.video}
+        if args.compare:
+            videos[compare_path(args.output)] = pipeline.side_by_side(result.source, result.video)
+        with context.stage("write"):
+            if context.is_main:
+                write_outputs(outputs, videos, result.fps)
+        result.timings["write"] = time.perf_counter() - start
+        say(report.format_summary(result, outputs), flush=True)
+        if context.world_size > 1:
+            say(f"parallel    {context.describe()}", flush=True)
+        return 0
+    except ParallelError as exc:
+        raise CliError(str(exc), status=2 if exc.error_type == "ConfigError" else 1) from exc
+    finally:
+        context.close()
 
 
 class Terminated(BaseException):

@@ -121,6 +121,16 @@ class VideoSection:
 
 
 @dataclass
+class ParallelSection:
+    """Several GPUs under torchrun (`wanx.parallel`): ulysses_degree x cfg_degree processes."""
+
+    ulysses_degree: int = 1  # ranks sharing one sequence (Ulysses); must divide the 40 heads
+    cfg_degree: int = 1  # 2: cond and uncond on different ranks, exchanged each step
+    shard_weights: bool = False  # FSDP2: each rank keeps 1 / world size of the DiT's weights
+    timeout_s: float = 600.0  # how long a rank waits for a missing one before the run fails
+
+
+@dataclass
 class PipelineConfig:
     """Everything `inference.py` and `EditingPipeline` read; see inference.yaml for the defaults."""
 
@@ -128,6 +138,7 @@ class PipelineConfig:
     attention: AttentionSection = field(default_factory=AttentionSection)
     sampler: SamplerSection = field(default_factory=SamplerSection)
     video: VideoSection = field(default_factory=VideoSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     device: str = "auto"  # "auto" (cuda when present), "cuda", "cuda:N" or "cpu"
     offload_text_encoder: bool = True  # move umT5 to the CPU once the prompts are encoded
@@ -365,6 +376,17 @@ def validate_config(cfg) -> None:
          f"video.bucket_scale must be a number in [0.01, 4], got {v.bucket_scale}"),
         (DEVICE_PATTERN.fullmatch(cfg.device) is not None,
          f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}"),
+    ]
+    p = cfg.parallel
+    checks += [
+        (1 <= p.ulysses_degree <= 64, f"parallel.ulysses_degree must be in [1, 64], got {p.ulysses_degree}"),
+        (p.cfg_degree in (1, 2), f"parallel.cfg_degree must be 1 or 2 (cond and uncond), got {p.cfg_degree}"),
+        (p.cfg_degree == 1 or s.guidance != 1.0,
+         "parallel.cfg_degree 2 needs classifier-free guidance (sampler.guidance != 1)"),
+        (_in_range(p.timeout_s, 10.0, 86_400.0), f"parallel.timeout_s must be in [10, 86400], got {p.timeout_s}"),
+        (p.ulysses_degree * p.cfg_degree == 1 or cfg.device in ("auto", "cuda", "cpu"),
+         f"under torchrun each process takes the GPU of its LOCAL_RANK: device must be 'auto' or 'cuda', "
+         f"got {cfg.device!r}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -94,6 +94,7 @@ class EditPlan:
     lvsa: Optional[LVSAOptions] = None  # backend "lvsa": its pattern and kernel
     lvsa_stats: dict[str, Any] = field(default_factory=dict)  # `lvsa_statistics`, plus "kernel" as it will run
     warnings: list[str] = field(default_factory=list)  # one line each, printed with the plan
+    parallel: dict[str, Any] = field(default_factory=dict)  # `parallel_layout`; empty for one process
 
     @property
     def seq_len(self) -> int:
@@ -181,6 +182,30 @@ def _meta_parameter_counts(cfg) -> dict[str, Any]:
     return {"dit": count(dit), "text_encoder": count(t5), "vae": count(vae), "dit_config": dict(dit.config)}
 
 
+def parallel_layout(cfg, seq: int, heads: int, batch: int, memory: dict) -> dict[str, Any]:
+    """Each rank's share under torchrun (`cfg.parallel`); {} for one process.
+
+    Ulysses gives every rank ceil(S / U) tokens for the token-wise layers and H / U heads of
+    all S tokens for self-attention, so the activations shrink by U; cfg_degree 2 leaves each
+    rank a batch of 1 instead of 2; shard_weights keeps 1 / world of the DiT's weights per rank
+    (each block is gathered whole while it runs: one block more, which this leaves out).
+    """
+    p = cfg.parallel
+    world = p.ulysses_degree * p.cfg_degree
+    if world == 1:
+        return {}
+    batch_per_rank = batch // p.cfg_degree
+    weights = memory["dit_weights"] / world if p.shard_weights else memory["dit_weights"]
+    activations = memory["dit_activations"] * batch_per_rank / batch / p.ulysses_degree
+    return {
+        "world_size": world, "ulysses_degree": p.ulysses_degree, "cfg_degree": p.cfg_degree,
+        "shard_weights": p.shard_weights, "tokens_per_rank": -(-seq // p.ulysses_degree),
+        "heads_per_rank": heads / p.ulysses_degree, "batch_per_rank": batch_per_rank,
+        "dit_weights_per_gpu": weights, "dit_activations_per_gpu": activations,
+        "peak_per_gpu": weights + memory["vae_weights"] + activations,
+    }
+
+
 def make_plan(cfg, source: "SourceVideo") -> EditPlan:
     """The run's shapes, token counts, attention FLOPs and a GPU memory estimate; loads nothing."""
     frames, height, width = source.video.shape[1:]
@@ -231,10 +256,12 @@ def make_plan(cfg, source: "SourceVideo") -> EditPlan:
     resident_text = 0.0 if cfg.offload_text_encoder else memory["text_encoder_weights"]
     memory["peak_estimate"] = (memory["dit_weights"] + memory["vae_weights"] + resident_text
                                + memory["dit_activations"])
+    layout = parallel_layout(cfg, seq, heads, batch, memory)
     return EditPlan(
         frames=frames, frames_read=source.frames_read, fps=source.fps, source_size=(h, w),
         size=(height, width), latent_shape=latent, target_tokens=tokens, source_tokens=tokens,
         text_len=dit_cfg["text_len"], batch=batch, steps=cfg.sampler.steps, num_layers=layers,
         heads=heads, head_dim=head_dim, backend=backend, isa=isa, flops_dense=flops_dense,
         flops_run=flops_run, isa_stats=stats, memory=memory, lvsa=lvsa, lvsa_stats=lvsa_stats, warnings=warnings,
+        parallel=layout,
     )

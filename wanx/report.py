@@ -91,6 +91,14 @@ def format_plan(plan: EditPlan) -> str:
                  f"VAE weights {m['vae_weights']} "
                  f"+ DiT activations {m['dit_activations']}; umT5 weights {m['text_encoder_weights']} "
                  "(freed from the GPU after encoding when offload_text_encoder); VAE work space not included")
+    if plan.parallel:
+        p = plan.parallel
+        heads = p["heads_per_rank"]
+        lines.append(f"parallel    {p['world_size']} processes: ulysses {p['ulysses_degree']} x cfg {p['cfg_degree']}"
+                     f"{', weights sharded' if p['shard_weights'] else ''}; per GPU {p['tokens_per_rank']} tokens, "
+                     f"{heads:g} heads{'' if heads == int(heads) else ' (NOT whole: refused)'}, batch "
+                     f"{p['batch_per_rank']}; about {_size(p['peak_per_gpu'])} per GPU (DiT weights "
+                     f"{_size(p['dit_weights_per_gpu'])} + activations {_size(p['dit_activations_per_gpu'])} + VAE)")
     lines += [f"warning     {warning}" for warning in plan.warnings]
     return "\n".join(lines)
 
