@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-gpu demo clean
+.PHONY: test test-gpu lint demo clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ test: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu
+
+# ruff, configured in pyproject.toml (pycodestyle, pyflakes, import order, bugbear; 119 columns)
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # The whole editing pipeline on a tiny RANDOM-weight model (configs/tiny.yaml), on the CPU:
 # writes outputs/demo.mp4 and outputs/demo_compare.mp4 (source | edit).
