@@ -44,24 +44,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(nproc: int, scenario: str, out_dir: Path) -> tuple[int, str, float]:
-    """Run tests/parallel_worker.py SCENARIO under torchrun; (exit status, stderr, seconds).
+def launch_torchrun(nproc: int, argv: list[str], timeout_s: float = LAUNCH_TIMEOUT_S) -> tuple[int, str, str]:
+    """`torchrun --nproc-per-node NPROC ARGV...` on a free local port; (exit status, stdout, stderr).
 
-    The launch gets its own process group, which is killed whole if it outlives LAUNCH_TIMEOUT_S."""
+    The launch gets its own process group, which is killed whole if it outlives `timeout_s` (the
+    test then fails: a hang is a failure, never a wait)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-               str(ROOT / "tests" / "parallel_worker.py"), scenario, str(out_dir)]
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    start = time.monotonic()
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     try:
-        _, stderr = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+        stdout, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
-        pytest.fail(f"torchrun --nproc-per-node {nproc} {scenario} hung (over {LAUNCH_TIMEOUT_S} s)")
-    return process.returncode, stderr, time.monotonic() - start
+        pytest.fail(f"torchrun --nproc-per-node {nproc} {' '.join(argv[:2])} hung (over {timeout_s} s)")
+    return process.returncode, stdout, stderr
+
+
+def torchrun(nproc: int, scenario: str, out_dir: Path) -> tuple[int, str, float]:
+    """Run tests/parallel_worker.py SCENARIO under torchrun; (exit status, stderr, seconds)."""
+    start = time.monotonic()
+    status, _, stderr = launch_torchrun(nproc, [str(ROOT / "tests" / "parallel_worker.py"), scenario, str(out_dir)])
+    return status, stderr, time.monotonic() - start
 
 
 def run_checks(nproc: int, out_dir: Path) -> list[dict]:

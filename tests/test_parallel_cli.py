@@ -1,6 +1,5 @@
 """inference.py under torchrun (gloo, CPU): the same edit as one process, written once by rank 0."""
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from test_inference_cli import ASSET, QUICK, ROOT, TINY, cli, error_line
-from test_parallel import free_port
+from test_parallel import launch_torchrun
 from wanx.video import read_video
 
 PROMPT = "make the ball yellow"
@@ -43,18 +42,8 @@ def saving_cli(folder, frames_file) -> str:
 
 
 def torchrun_cli(nproc: int, script: str, *args) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), script, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"torchrun --nproc-per-node {nproc} inference.py hung (over {TIMEOUT_S} s)")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    status, stdout, stderr = launch_torchrun(nproc, [script, *args], TIMEOUT_S)
+    return subprocess.CompletedProcess([script, *args], status, stdout, stderr)
 
 
 def test_two_processes_write_the_single_process_edit_within_one_grey_level(tmp_path):
