@@ -23,6 +23,10 @@ and Inf are refused as each tensor is loaded. Every problem with a file is a
 `CheckpointError` with a one-line message naming the file. `wanx.vae` and `wanx.t5` read
 their checkpoints with this module's `read_entries` and `load_tensor` and raise the same
 error class.
+
+Why one module of this length: the header reading, the key normalisation and matching, the
+preflight and the load are one pipeline over the same `_Entry` records; the preflight is
+that pipeline stopped before any tensor is read, which is what keeps the two from drifting.
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ network is exactly transformers' UMT5 encoder: unscaled attention with a per-lay
 bucketed relative-position bias (32 buckets, bidirectional, max distance 128),
 RMS norms without bias or mean, a GELU(tanh)-gated feed-forward, no biases. Only the
 names differ, and no library converter exists, so `convert_wan_t5_state_dict` renames
-them (per block):
+them (per block; the module also holds the checkpoint preflight and the loader, which read
+these names, so it is longer than most):
 
     norm1.weight               -> layer.0.layer_norm.weight
     attn.{q,k,v,o}.weight      -> layer.0.SelfAttention.{q,k,v,o}.weight

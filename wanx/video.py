@@ -15,6 +15,10 @@ the model code, and as float32 tensors [3, F, H, W] in [-1, 1] inside it.
 The Wan VAE compresses time by 4 with a causal first frame, so it takes 4k+1 frames:
 `fit_frame_count` gives the largest such count, and the frames past it are dropped
 (never padded: padding would invent content the edit has to reproduce).
+
+Why one module of this length: reading, writing and verifying all drive the same ffmpeg
+subprocess wrapper (`_Ffmpeg`) and share its translation of ffmpeg's reports into one-line
+`VideoError`s; split apart, each half would need the other's private half.
 """
 from __future__ import annotations
 
