@@ -120,7 +120,10 @@ def check_arguments(args) -> list[str]:
         raise CliError("--output is required (unless --dry-run)")
     outputs = [args.output] + ([compare_path(args.output)] if args.compare else [])
     try:
-        check_output_paths(outputs, args.input, args.overwrite)
+        others = {args.config: "the config file"}
+        if args.checkpoint is not None:
+            others[args.checkpoint] = "the checkpoint"
+        check_output_paths(outputs, args.input, args.overwrite, others)
     except OutputError as exc:
         raise CliError(str(exc)) from exc
     return outputs

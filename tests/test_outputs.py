@@ -213,3 +213,16 @@ def test_stage_refuses_a_path_outside_the_set(tmp_path):
     with OutputSet([str(tmp_path / "a.mp4")]) as staged:
         with pytest.raises(ValueError, match="not one of"):
             staged.stage(str(tmp_path / "b.mp4"))
+
+
+def test_an_output_may_not_be_another_input_file(video, tmp_path):
+    config = tmp_path / "my.yaml"
+    config.write_text("sampler: {steps: 2}\n")
+    message = refusal_with_others([tmp_path / "my.yaml"], video, {str(config): "the config file"})
+    assert "is the config file" in message
+
+
+def refusal_with_others(paths, input_path, others) -> str:
+    with pytest.raises(OutputError) as info:
+        check_output_paths([str(p) for p in paths], str(input_path), True, others)
+    return str(info.value)

@@ -26,7 +26,7 @@ import stat
 import tempfile
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 TEMP_PREFIX = "."
 TEMP_SUFFIX = ".partial.mp4"  # ffmpeg picks the container from the extension: keep .mp4 last
@@ -77,18 +77,30 @@ def _probe_folder(folder: str, name_length: int, label: str) -> None:
     os.remove(probe)
 
 
-def check_output_paths(outputs: list[str], input_path: str, overwrite: bool) -> None:
+def _same_file(path: str, other: str) -> bool:
+    """Whether `path` names `other` once links and `..` are resolved, or is a hard link to it."""
+    if os.path.realpath(path) == os.path.realpath(other):
+        return True
+    try:
+        return os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other)
+    except OSError:
+        return False
+
+
+def check_output_paths(outputs: list[str], input_path: str, overwrite: bool,
+                       other_inputs: Optional[dict[str, str]] = None) -> None:
     """Refuse outputs that would damage a file or fail to be written (see the module docstring).
 
     Args:
         outputs: the paths this run will write (the edit, and the comparison video).
         input_path: the source video, which no output may reach.
+        other_inputs: {path: what it is} of the other files the run reads (the config file,
+            the checkpoint), which no output may reach either.
         overwrite: whether existing regular files may be replaced.
 
     Raises:
         OutputError: with a one-line reason naming the path.
     """
-    input_real = os.path.realpath(input_path)
     seen: dict[str, str] = {}
     for path in outputs:
         label = f"output {path!r}"
@@ -97,9 +109,12 @@ def check_output_paths(outputs: list[str], input_path: str, overwrite: bool) -> 
         if os.path.basename(path) in (".", ".."):
             raise OutputError(f"{label} is a folder name: give a file name")
         real = os.path.realpath(path)
-        if real == input_real or (os.path.exists(path) and os.path.samefile(path, input_path)):
+        if _same_file(path, input_path):
             raise OutputError(f"{label} is the input video {input_path!r} (after resolving links): "
                               "choose another output")
+        for other, what in (other_inputs or {}).items():
+            if _same_file(path, other):
+                raise OutputError(f"{label} is {what} {other!r} (after resolving links): choose another output")
         if real in seen:
             raise OutputError(f"{label} and output {seen[real]!r} are the same file")
         seen[real] = path
