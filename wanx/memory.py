@@ -57,6 +57,19 @@ FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 FP8_SKIP_PATTERNS = ("embedding", "time_projection", r"^head", r"alpha_\d")
 HOST = torch.device("cpu")
 GIB = 2.0**30
+# The DiT's activations at their peak, in bytes per token (S = target + source) and model channel,
+# fitted to two peaks measured on an H200 at 81 frames 960x544 (S = 85,680), bf16, 14 B DiT
+# (26.62 GiB of weights): one batch-1 forward peaked at 37.8 GiB (docs/benchmarks.md) and the
+# denoising stage of a whole edit, guided batch of 2 with the fp32 VAE (0.47 GiB) also on the GPU,
+# at 48.5 GiB (docs/bench_edit.md). The difference, 48.5 - 37.8 - 0.47 = 10.23 GiB, is one more
+# sample: 25.0 bytes per token and channel; what the batch-1 peak holds beyond the weights and
+# that sample, 0.96 GiB, does not grow with the batch: 2.3 bytes (the size of the tables a batch
+# shares, the source's fp32 patch embedding and the complex128 RoPE table, 2.2). The formula used
+# before, 42.8 bytes per sample from the tensors alive inside a block, gave 44.1 and 62.1 GiB for
+# the two runs (61.6 without the VAE), 6.3 and 13.6 GiB above the measurements; this one gives 37.8
+# and 48.5 GiB.
+ACTIVATION_BYTES_PER_SAMPLE = 25.0
+ACTIVATION_BYTES_SHARED = 2.3
 
 Device = Union[str, torch.device]
 
@@ -324,10 +337,11 @@ def estimate_peak_gib(dit_config: Mapping, tokens: int, batch: int, offload: str
         weights_resident: "none" and "model": weights_total (the DiT runs whole on the GPU; "model"
             differs in that the other networks leave the GPU, which the planner accounts for);
             "blocks": 2 blocks (the one computing and the one prefetched) + P_other * b;
-        activations = batch * S * (2 dim 4 + 4 dim b + 2 ffn b + 2 dim 8): the fp32 residual and
-            its normed copy, q/k/v/out in the compute dtype, the FFN hidden layer and its
-            activation, and the complex128 RoPE rotations of q and k (as `wanx.planning`; fp8
-            storage leaves them unchanged: compute stays in the model's dtype).
+        activations = S * dim * (batch * ACTIVATION_BYTES_PER_SAMPLE * b / 2 + ACTIVATION_BYTES_SHARED):
+            bytes per token and model channel, measured (see the constants); fp8 storage leaves
+            them unchanged (compute stays in the model's dtype). The per-sample part was
+            measured in bf16 and is scaled by b / 2 for other dtypes, which overstates fp32 a
+            little (its fp32 residual stream does not double).
     """
     check_memory_mode(offload, weights, "cuda")
     counts = dit_parameter_counts(dit_config)
@@ -341,7 +355,7 @@ def estimate_peak_gib(dit_config: Mapping, tokens: int, batch: int, offload: str
     other = counts["other"] * dtype_bytes
     total = layers * block + other
     resident = 2 * block + other if offload == "blocks" else total
-    activations = batch * tokens * (2 * dim * 4 + 4 * dim * dtype_bytes + 2 * ffn * dtype_bytes + 2 * dim * 8)
+    activations = tokens * dim * (batch * ACTIVATION_BYTES_PER_SAMPLE * dtype_bytes / 2 + ACTIVATION_BYTES_SHARED)
     return {
         "weights_total": total / GIB,
         "weights_resident": resident / GIB,
