@@ -134,3 +134,28 @@ def test_interpolations_still_resolve():
 
 def test_an_empty_override_value_is_an_empty_string():
     assert load_config(TINY, ["negative_prompt="]).negative_prompt == ""
+
+
+def test_the_memory_section_defaults_to_auto_with_nothing_fixed():
+    memory = load_config(TINY).memory
+    assert (memory.profile, memory.offload, memory.weights, memory.guidance) == ("auto", None, None, None)
+    cfg = load_config(TINY, ["memory.profile=manual", "memory.offload=blocks", "memory.weights=fp8",
+                             "memory.guidance=sequential"])
+    assert (cfg.memory.offload, cfg.memory.weights, cfg.memory.guidance) == ("blocks", "fp8", "sequential")
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (["memory.offload=disk"], "memory.offload must be one of none, model, blocks (or null: the profile picks), "
+                              "got 'disk'"),
+    (["memory.weights=int4"], "memory.weights must be one of bf16, fp8"),
+    (["memory.guidance=parallel"], "memory.guidance must be one of batch, sequential"),
+    (["memory.profile=fastest"], "memory.profile must be one of auto, manual, got 'fastest'"),
+    (["memory.offload=1"], "memory.offload must be a string, got integer 1"),
+    (["memory.margin=0.2"], "unknown key 'memory.margin'"),
+    (["memory.guidance=sequential", "parallel.cfg_degree=2"],
+     "memory.guidance sequential cannot be combined with parallel.cfg_degree 2"),
+    (["memory.weights=fp8", "parallel.ulysses_degree=2"],
+     "memory.weights=fp8: under several processes only offload none, weights bf16 and guidance batch run"),
+])
+def test_bad_memory_settings_are_refused_on_one_line(overrides, reason):
+    assert reason in refusal(TINY, overrides)

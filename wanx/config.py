@@ -31,6 +31,7 @@ from in_context_sparse_attention import ISAConfig
 from long_video_sparse_attention import LVSAConfig
 
 from .attention import LVSA_KERNELS, LVSAOptions, attention_names
+from .memory import OFFLOAD_MODES, WEIGHT_MODES
 
 # Wan 2.2's default negative prompt (`wan/configs/shared_config.py`, `sample_neg_prompt`).
 WAN_NEGATIVE_PROMPT = (
@@ -49,6 +50,8 @@ MAX_FRAMES = 1601  # 100 s at 16 fps: the decoded working video of 1,601 frames 
 MAX_WORKING_SIDE = 4096  # pixels per side of `video.size`
 FPS_RANGE = (1.0, 120.0)  # the rate the input is resampled to and the output written at
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d{1,2})?")
+GUIDANCE_MODES = ("batch", "sequential")  # cond and uncond as one DiT batch of 2, or as two batch-1 passes
+MEMORY_PROFILES = ("auto", "manual")
 
 
 @dataclass
@@ -131,6 +134,31 @@ class ParallelSection:
 
 
 @dataclass
+class MemorySection:
+    """How an edit fits the GPU (`wanx.memory`, `wanx.planning`): where the weights live, how the
+    DiT's are stored and how guidance runs. A value left null is chosen by the profile: "auto" picks
+    the fastest tier whose estimated peak fits the free GPU memory, among those that match the values
+    set; "manual" takes the values as given and the fastest for the rest (none, bf16, batch)."""
+
+    profile: str = "auto"  # auto | manual
+    offload: Optional[str] = None  # none | model (one network on the GPU at a time) | blocks (DiT blocks streamed)
+    weights: Optional[str] = None  # bf16 (as loaded) | fp8 (the DiT's block matrices, scaled per channel)
+    guidance: Optional[str] = None  # batch (cond and uncond in one DiT pass) | sequential (two batch-1 passes)
+
+
+@dataclass(frozen=True)
+class MemorySetting:
+    """One memory tier with every value decided: what `EditingPipeline.load` and `edit` run with."""
+
+    offload: str = "none"
+    weights: str = "bf16"
+    guidance: str = "batch"
+
+    def describe(self) -> str:
+        return f"offload {self.offload}, weights {self.weights}, guidance {self.guidance}"
+
+
+@dataclass
 class PipelineConfig:
     """Everything `inference.py` and `EditingPipeline` read; see inference.yaml for the defaults."""
 
@@ -139,6 +167,7 @@ class PipelineConfig:
     sampler: SamplerSection = field(default_factory=SamplerSection)
     video: VideoSection = field(default_factory=VideoSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    memory: MemorySection = field(default_factory=MemorySection)
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     device: str = "auto"  # "auto" (cuda when present), "cuda", "cuda:N" or "cpu"
     offload_text_encoder: bool = True  # move umT5 to the CPU once the prompts are encoded
@@ -388,6 +417,7 @@ def validate_config(cfg) -> None:
          f"under torchrun each process takes the GPU of its LOCAL_RANK: device must be 'auto' or 'cuda', "
          f"got {cfg.device!r}"),
     ]
+    checks += _memory_checks(cfg)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -401,6 +431,35 @@ def validate_config(cfg) -> None:
                           f"got {list(size)}")
     isa_config(cfg)
     lvsa_options(cfg)
+
+
+def _memory_checks(cfg) -> list[tuple[bool, str]]:
+    """(ok, message) for `cfg.memory`: known values, and none that another section rules out.
+
+    Sequential guidance and cfg_degree 2 both split cond from uncond (in time, or across ranks):
+    together there is nothing left to split. Under several processes the weights are spread by
+    `parallel` (FSDP2, Ulysses), whose hooks and DTensors the offloading hooks and fp8 layers
+    were never run with: only the default tier is allowed there.
+    """
+    mem, p = cfg.memory, cfg.parallel
+    checks = [(mem.profile in MEMORY_PROFILES,
+               f"memory.profile must be one of {', '.join(MEMORY_PROFILES)}, got {mem.profile!r}")]
+    for key, allowed in (("offload", OFFLOAD_MODES), ("weights", WEIGHT_MODES), ("guidance", GUIDANCE_MODES)):
+        value = getattr(mem, key)
+        checks.append((value is None or value in allowed,
+                       f"memory.{key} must be one of {', '.join(allowed)} (or null: the profile picks), "
+                       f"got {value!r}"))
+    checks.append((mem.guidance != "sequential" or p.cfg_degree == 1,
+                   "memory.guidance sequential cannot be combined with parallel.cfg_degree 2 (the cfg ranks "
+                   "already run cond and uncond apart): set one of them"))
+    defaults = MemorySetting()
+    chosen = {key: getattr(mem, key) for key in ("offload", "weights", "guidance")}
+    others = [f"memory.{key}={value}" for key, value in chosen.items()
+              if value is not None and value != getattr(defaults, key)]
+    checks.append((p.ulysses_degree * p.cfg_degree == 1 or not others,
+                   f"{', '.join(others)}: under several processes only offload none, weights bf16 and guidance "
+                   "batch run (parallel.shard_weights spreads the DiT's weights instead)"))
+    return checks
 
 
 def isa_config(cfg) -> ISAConfig:
