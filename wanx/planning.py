@@ -1,6 +1,12 @@
 """What an edit will cost, worked out before anything loads: shapes, token counts, the
 self-attention FLOPs of the chosen method against dense, ISA's block counts or LVSA's frame
-pattern, a GPU memory estimate and warnings (`make_plan`)."""
+pattern, the GPU memory of every memory tier and the one the run takes, and warnings (`make_plan`).
+
+Memory tiers are the combinations of `memory.offload`, `memory.weights` and `memory.guidance`
+(`wanx.config.MemorySection`). `make_plan` estimates each one's peak and picks one: with
+`memory.profile` "auto", the first in `memory_tiers`' order that matches the values set and whose
+peak fits the free GPU memory less `FIT_MARGIN`; with "manual", the first that matches.
+"""
 from __future__ import annotations
 
 from collections import Counter
@@ -21,8 +27,10 @@ from long_video_sparse_attention import (
 
 from .attention import LVSAOptions, lvsa_kernel
 from .components import DTYPES
-from .config import ConfigError, attention_options
+from .config import ConfigError, MemorySetting, attention_options
+from .memory import GIB, OFFLOAD_MODES, WEIGHT_MODES, estimate_peak_gib
 
+FIT_MARGIN = 0.10  # share of the free GPU memory a tier leaves unplanned (estimate error, allocator fragmentation)
 TRAINING_FRAMES = 81  # the clip length Wan 2.2 and LIVEditor were trained on: 81 video frames = 21 latent frames
 LONG_VIDEO_ADVICE = f"beyond the {TRAINING_FRAMES}-frame training length; consider attention.backend=lvsa"
 
@@ -90,11 +98,15 @@ class EditPlan:
     flops_dense: float  # self-attention FLOPs of the whole run, dense
     flops_run: float  # the same with the configured backend
     isa_stats: dict[str, Any]
-    memory: dict[str, float]  # GiB: weights and activation estimates
+    memory: dict[str, float]  # GiB: weights, activations and stage peaks of the chosen memory tier
     lvsa: Optional[LVSAOptions] = None  # backend "lvsa": its pattern and kernel
     lvsa_stats: dict[str, Any] = field(default_factory=dict)  # `lvsa_statistics`, plus "kernel" as it will run
     warnings: list[str] = field(default_factory=list)  # one line each, printed with the plan
     parallel: dict[str, Any] = field(default_factory=dict)  # `parallel_layout`; empty for one process
+    memory_tiers: list["MemoryTier"] = field(default_factory=list)  # every tier this device can run, fastest first
+    memory_setting: MemorySetting = field(default_factory=MemorySetting)  # the tier the run takes
+    memory_reason: str = ""  # why that tier, one line
+    free_gib: Optional[float] = None  # free GPU memory the choice was made against; None: no GPU limit known
 
     @property
     def seq_len(self) -> int:
@@ -206,8 +218,160 @@ def parallel_layout(cfg, seq: int, heads: int, batch: int, memory: dict) -> dict
     }
 
 
-def make_plan(cfg, source: "SourceVideo") -> EditPlan:
-    """The run's shapes, token counts, attention FLOPs and a GPU memory estimate; loads nothing."""
+@dataclass(frozen=True)
+class MemoryTier:
+    """One memory setting and its estimated GPU memory in GiB (`memory_tiers`)."""
+
+    setting: MemorySetting
+    text: float  # while umT5 encodes the prompts
+    denoise: float  # at the peak of a DiT forward
+    dit: dict[str, float]  # `wanx.memory.estimate_peak_gib` for this setting
+
+    @property
+    def peak(self) -> float:
+        return max(self.text, self.denoise)
+
+
+def memory_tiers(cfg, dit_config: dict, seq: int, cfg_batch: bool, weights: dict[str, float],
+                 device_type: str) -> list[MemoryTier]:
+    """Every memory tier a `device_type` device can run, in the planner's order (fastest first), with its estimate.
+
+    The order is reasoned, not measured tier against tier: bf16 before fp8, since fp8 storage
+    changes the output (about 2%, `wanx.memory`) and is not expected to be faster (each layer
+    dequantises its matrix in every forward); then offload none, model, blocks (data moved per
+    edit: none, each network once, every block once per DiT forward); then guidance batch before
+    sequential (one DiT pass per step instead of two over the same weights).
+
+    Stages, per tier (the DiT's figures from `estimate_peak_gib`):
+        text: umT5's weights, plus with offload none the DiT and the VAE (on the GPU from loading on);
+        denoise: the DiT's resident weights, its largest dequantised matrix and its activations (batch
+        2 for guidance "batch" with CFG, else 1), plus with offload none the VAE, and umT5 unless
+        `offload_text_encoder`. Offload model and blocks keep umT5 and the VAE on the host outside
+        their own stages. The VAE's work space while it encodes or decodes is not estimated.
+    The CPU has no block streaming (a CUDA stream prefetches the blocks); several processes run
+    only the first tier (`wanx.config`).
+
+    Args:
+        dit_config: the DiT's config; seq: tokens per sample (target + source); cfg_batch: CFG on;
+        weights: GiB of {"text_encoder", "vae"} as loaded; device_type: "cuda" or "cpu".
+    """
+    parallel = cfg.parallel.ulysses_degree * cfg.parallel.cfg_degree > 1
+    dtype_bytes = DTYPES[cfg.model.dtype].itemsize
+    tiers = []
+    for weight_mode in WEIGHT_MODES:
+        for offload in OFFLOAD_MODES:
+            for guidance in ("batch", "sequential"):
+                if offload == "blocks" and device_type != "cuda":
+                    continue
+                setting = MemorySetting(offload, weight_mode, guidance)
+                if parallel and setting != MemorySetting():
+                    continue
+                batch = 2 if cfg_batch and guidance == "batch" else 1
+                dit = estimate_peak_gib(dit_config, seq, batch, offload, weight_mode, dtype_bytes)
+                text, denoise = weights["text_encoder"], dit["peak"]
+                if offload == "none":
+                    text += dit["weights_total"] + weights["vae"]
+                    denoise += weights["vae"] + (0.0 if cfg.offload_text_encoder else weights["text_encoder"])
+                tiers.append(MemoryTier(setting, text, denoise, dit))
+    return tiers
+
+
+def size_text(gib: float) -> str:
+    """GiB as text: "26.6 GiB", or "31.4 MiB" below 1 GiB."""
+    return f"{gib:.1f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
+
+
+def _tier_of(setting: MemorySetting, tiers: list[MemoryTier], device_type: str) -> MemoryTier:
+    """The tier of `setting`; ConfigError when this device cannot run it."""
+    for tier in tiers:
+        if tier.setting == setting:
+            return tier
+    raise ConfigError(f"memory {setting.describe()} cannot run on this {device_type} device")
+
+
+def choose_memory_tier(cfg, tiers: list[MemoryTier], device_type: str, free_bytes: Optional[int]
+                       ) -> tuple[MemoryTier, str]:
+    """The tier a run takes (`cfg.memory`) and why, in one line.
+
+    Args:
+        tiers: `memory_tiers`, fastest first.
+        device_type: "cuda" or "cpu".
+        free_bytes: free memory of the GPU the run will use (`free_gpu_bytes`); None where no
+            limit is known (the CPU, no GPU visible, several processes).
+    Raises:
+        ConfigError: one line: offload "blocks" on a device that is not CUDA; with profile "auto",
+            no matching tier fits the free memory less `FIT_MARGIN` (naming the smallest tier's
+            estimate and the free memory).
+    """
+    mem = cfg.memory
+    if mem.offload == "blocks" and device_type != "cuda":
+        raise ConfigError(f"memory.offload blocks streams the DiT's blocks to a CUDA GPU; the device here is "
+                          f"{device_type}")
+    wanted = {key: getattr(mem, key) for key in ("offload", "weights", "guidance") if getattr(mem, key) is not None}
+    matching = [t for t in tiers if all(getattr(t.setting, key) == value for key, value in wanted.items())]
+    if not matching:
+        raise ConfigError(f"no memory tier matches {', '.join(f'memory.{k}={v}' for k, v in wanted.items())} here")
+    among = f" among those with {', '.join(f'{k} {v}' for k, v in wanted.items())}" if wanted else ""
+    if mem.profile == "manual":
+        return matching[0], f"memory.profile manual: the fastest tier{among}"
+    if free_bytes is None:
+        limit = "the CPU has no GPU memory limit" if device_type == "cpu" else "free GPU memory unknown here"
+        return matching[0], f"auto: {limit}: the fastest tier{among}"
+    free_gib = free_bytes / GIB
+    usable = free_gib * (1 - FIT_MARGIN)
+    for tier in matching:
+        if tier.peak <= usable:
+            return tier, (f"auto: the fastest tier{among} whose estimate fits {1 - FIT_MARGIN:.0%} of the "
+                          f"{size_text(free_gib)} free")
+    smallest = min(matching, key=lambda t: t.peak)
+    raise ConfigError(f"no memory tier{among} fits the GPU: the smallest, {smallest.setting.describe()}, needs about "
+                      f"{size_text(smallest.peak)} and {size_text(free_gib)} are free ({FIT_MARGIN:.0%} kept as "
+                      "margin); free GPU memory, or take a shorter clip (--max-frames) or a smaller video.size")
+
+
+def free_gpu_bytes(cfg) -> Optional[int]:
+    """Free memory of the GPU a single-process run will use (`torch.cuda.mem_get_info`), before it loads.
+
+    None on the CPU, where no GPU is visible, and under several processes: there each rank takes
+    the GPU of its LOCAL_RANK, which this process has not chosen yet (asking would open a CUDA
+    context on GPU 0 from every rank).
+    """
+    if cfg.parallel.ulysses_degree * cfg.parallel.cfg_degree > 1:
+        return None
+    if _planned_device_type(cfg) != "cuda" or not torch.cuda.is_available():
+        return None
+    device = torch.device("cuda") if cfg.device == "auto" else torch.device(cfg.device)
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def memory_setting_without_plan(cfg, device: torch.device) -> MemorySetting:
+    """The memory setting of a pipeline loaded without a plan's (`EditingPipeline.load(cfg)`).
+
+    Profile "manual", and "auto" on a CPU (no GPU limit): the values set, the fastest for the rest.
+    Raises:
+        ConfigError: profile "auto" on a GPU, whose choice depends on the edit's size.
+    """
+    mem = cfg.memory
+    if mem.profile == "auto" and device.type == "cuda":
+        raise ConfigError("memory.profile auto picks the tier from the edit's size: pass "
+                          "memory=make_plan(cfg, source, free_gpu_bytes(cfg)).memory_setting to "
+                          "EditingPipeline.load, or set memory.profile=manual")
+    defaults = MemorySetting()
+    return MemorySetting(*(getattr(mem, key) or getattr(defaults, key) for key in ("offload", "weights", "guidance")))
+
+
+def make_plan(cfg, source: "SourceVideo", free_bytes: Optional[int] = None,
+              setting: Optional[MemorySetting] = None) -> EditPlan:
+    """The run's shapes, token counts, attention FLOPs, memory tiers and the one it takes; loads nothing.
+
+    Args:
+        cfg: the configuration; source: the video (only its shape is read).
+        free_bytes: free GPU memory (`free_gpu_bytes`), which profile "auto" fits a tier to; None:
+            no limit known, the fastest matching tier.
+        setting: a tier already decided (a loaded pipeline's), instead of choosing one.
+    Raises:
+        ConfigError: a working size that is not a multiple of 16, and what `choose_memory_tier` refuses.
+    """
     frames, height, width = source.video.shape[1:]
     h, w = source.source_size
     counts = _meta_parameter_counts(cfg)
@@ -238,24 +402,28 @@ def make_plan(cfg, source: "SourceVideo") -> EditPlan:
     if frames > TRAINING_FRAMES and (isa is not None or backend == "dense"):
         warnings.append(f"{frames} frames ({latent[1]} latent) with {backend!r} attention: {LONG_VIDEO_ADVICE}")
 
-    gib = 2.0 ** 30
-    weight_bytes = DTYPES[cfg.model.dtype].itemsize
-    ffn = dit_cfg["ffn_dim"]
-    # Peak inside one block: fp32 residual and normed copy, q/k/v/out in the weights' dtype,
-    # the FFN hidden layer and its activation, and the float64 RoPE rotations of q and k
-    # (complex128, 8 bytes per channel); ISA's block tables are small beside these.
-    # Measured for calibration (docs/benchmarks.md): 42.4 GiB peak for one batch-1 forward
-    # at S = 85,680, against 26.6 + 17.5 GiB by this formula.
-    activations = batch * seq * (2 * dim * 4 + 4 * dim * weight_bytes + 2 * ffn * weight_bytes + 2 * dim * 8)
+    device_type = _planned_device_type(cfg)
+    weights = {"text_encoder": counts["text_encoder"] * DTYPES[cfg.model.dtype].itemsize / GIB,
+               "vae": counts["vae"] * DTYPES[cfg.model.vae_dtype].itemsize / GIB}
+    tiers = memory_tiers(cfg, dit_cfg, seq, batch == 2, weights, device_type)
+    if setting is None:
+        tier, reason = choose_memory_tier(cfg, tiers, device_type, free_bytes)
+    else:
+        tier, reason = _tier_of(setting, tiers, device_type), "as the pipeline was loaded"
+    free_gib = None if free_bytes is None else free_bytes / GIB
+    if free_gib is not None and tier.peak > free_gib * (1 - FIT_MARGIN):
+        warnings.append(f"memory: {tier.setting.describe()} needs about {size_text(tier.peak)}, more than "
+                        f"{1 - FIT_MARGIN:.0%} of the {size_text(free_gib)} free: the run may run out of GPU memory")
     memory = {
-        "dit_weights": counts["dit"] * weight_bytes / gib,
-        "text_encoder_weights": counts["text_encoder"] * weight_bytes / gib,
-        "vae_weights": counts["vae"] * DTYPES[cfg.model.vae_dtype].itemsize / gib,
-        "dit_activations": activations / gib,
+        "dit_weights": tier.dit["weights_total"],
+        "dit_resident": tier.dit["weights_resident"],
+        "text_encoder_weights": weights["text_encoder"],
+        "vae_weights": weights["vae"],
+        "dit_activations": tier.dit["activations"],
+        "text_stage": tier.text,
+        "denoise_stage": tier.denoise,
+        "peak_estimate": tier.peak,
     }
-    resident_text = 0.0 if cfg.offload_text_encoder else memory["text_encoder_weights"]
-    memory["peak_estimate"] = (memory["dit_weights"] + memory["vae_weights"] + resident_text
-                               + memory["dit_activations"])
     layout = parallel_layout(cfg, seq, heads, batch, memory)
     return EditPlan(
         frames=frames, frames_read=source.frames_read, fps=source.fps, source_size=(h, w),
@@ -263,5 +431,5 @@ def make_plan(cfg, source: "SourceVideo") -> EditPlan:
         text_len=dit_cfg["text_len"], batch=batch, steps=cfg.sampler.steps, num_layers=layers,
         heads=heads, head_dim=head_dim, backend=backend, isa=isa, flops_dense=flops_dense,
         flops_run=flops_run, isa_stats=stats, memory=memory, lvsa=lvsa, lvsa_stats=lvsa_stats, warnings=warnings,
-        parallel=layout,
+        parallel=layout, memory_tiers=tiers, memory_setting=tier.setting, memory_reason=reason, free_gib=free_gib,
     )

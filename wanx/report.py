@@ -5,7 +5,8 @@ from typing import TYPE_CHECKING
 
 from long_video_sparse_attention import render_frame_mask
 
-from .planning import EditPlan
+from .planning import FIT_MARGIN, EditPlan
+from .planning import size_text as _size
 
 if TYPE_CHECKING:
     from .pipeline import EditResult
@@ -13,10 +14,6 @@ if TYPE_CHECKING:
 
 def _gflops(x: float) -> str:
     return f"{x / 1e12:,.1f} TFLOP" if x >= 1e12 else f"{x / 1e9:,.2f} GFLOP"
-
-
-def _size(gib: float) -> str:
-    return f"{gib:.1f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
 
 
 MASK_ROWS_SHOWN = 24  # a frame mask of more query frames is shown by a few representative rows
@@ -60,8 +57,40 @@ def _lvsa_lines(plan: EditPlan) -> list[str]:
     return lines
 
 
-def format_plan(plan: EditPlan) -> str:
-    """The plan as printed by `inference.py` (and by `--dry-run` alone)."""
+def _guidance(plan: EditPlan) -> str:
+    if plan.batch == 1:
+        return "no CFG"
+    if plan.memory_setting.guidance == "sequential":
+        return "CFG, cond and uncond as two batch-1 passes"
+    return "CFG"
+
+
+def _memory_lines(plan: EditPlan, all_tiers: bool) -> list[str]:
+    """The chosen memory tier, its estimate and the reason; with `all_tiers`, a table of every tier."""
+    m = {name: _size(gib) for name, gib in plan.memory.items()}
+    lines = [f"memory      {plan.memory_setting.describe()}: about {m['peak_estimate']} on the device at the peak "
+             f"(text encoding {m['text_stage']}, denoising {m['denoise_stage']}); {plan.memory_reason}",
+             f"weights     DiT {m['dit_weights']} as stored ({m['dit_resident']} on the GPU while it runs), umT5 "
+             f"{m['text_encoder_weights']}, VAE {m['vae_weights']}; DiT activations {m['dit_activations']}; "
+             "VAE work space not included"]
+    if not all_tiers:
+        return lines
+    free = ("no GPU limit known" if plan.free_gib is None
+            else f"{_size(plan.free_gib * (1 - FIT_MARGIN))} of {_size(plan.free_gib)} free usable")
+    lines.append(f"tiers       GiB at the peak (text encoding / denoising), fastest first; {free}")
+    lines.append(f"            {'offload':8} {'weights':8} {'guidance':11} {'peak':>6} {'text':>6} {'denoise':>8}")
+    for tier in plan.memory_tiers:
+        s = tier.setting
+        fits = "" if plan.free_gib is None else (
+            "fits" if tier.peak <= plan.free_gib * (1 - FIT_MARGIN) else "too large")
+        chosen = "<- chosen" if s == plan.memory_setting else ""
+        lines.append(f"            {s.offload:8} {s.weights:8} {s.guidance:11} {tier.peak:6.1f} {tier.text:6.1f} "
+                     f"{tier.denoise:8.1f}  {' '.join(filter(None, (fits, chosen)))}".rstrip())
+    return lines
+
+
+def format_plan(plan: EditPlan, all_tiers: bool = False) -> str:
+    """The plan as printed by `inference.py`; `all_tiers` (`--dry-run`) adds every memory tier's estimate."""
     h, w = plan.source_size
     lines = [
         f"frames      {plan.frames} at {plan.fps:g} fps (read {plan.frames_read}; the VAE takes 4k+1 frames, "
@@ -71,7 +100,7 @@ def format_plan(plan: EditPlan) -> str:
         f"tokens      {plan.target_tokens} target + {plan.source_tokens} source = {plan.seq_len} per sequence; "
         f"text context {plan.text_len} rows",
         f"DiT         {plan.num_layers} layers, {plan.heads} heads x {plan.head_dim}; {plan.steps} steps x batch "
-        f"{plan.batch} ({'CFG' if plan.batch == 2 else 'no CFG'})",
+        f"{plan.batch} ({_guidance(plan)})",
     ]
     if plan.lvsa is not None:
         lines += _lvsa_lines(plan)
@@ -86,11 +115,7 @@ def format_plan(plan: EditPlan) -> str:
                      f"({s['full_query_share']:.0%}) query blocks on full attention; {s['source_kept']} of "
                      f"{s['source_candidates']} ({s['source_kept_share']:.1%}) source blocks kept; "
                      f"{s['kv_blocks']} key blocks, {s['exact_blocks']} exact per sparse query block")
-    m = {name: _size(gib) for name, gib in plan.memory.items()}
-    lines.append(f"memory      about {m['peak_estimate']} on the device: DiT weights {m['dit_weights']} + "
-                 f"VAE weights {m['vae_weights']} "
-                 f"+ DiT activations {m['dit_activations']}; umT5 weights {m['text_encoder_weights']} "
-                 "(freed from the GPU after encoding when offload_text_encoder); VAE work space not included")
+    lines += _memory_lines(plan, all_tiers)
     if plan.parallel:
         p = plan.parallel
         heads = p["heads_per_rank"]
@@ -114,6 +139,9 @@ def format_summary(result: "EditResult", outputs: list[str]) -> str:
              f"video       {result.video.shape[0]} frames, {result.video.shape[2]}x{result.video.shape[1]}, "
              f"{result.fps:g} fps",
              f"time        {total:.1f}s: {stages} ({per_step:.2f}s per step)"]
+    peaks = ", ".join(f"{name} {gib:.1f}" for name, gib in result.peak_memory.items())
+    lines.append(f"memory      {plan.memory_setting.describe()}"
+                 + (f"; GiB allocated at each stage's peak: {peaks}" if peaks else ""))
     if result.backend != plan.backend:  # the DiT's method was switched after planning: no statistics for it
         lines.append(f"attention   {result.backend}")
     elif plan.lvsa is not None:
