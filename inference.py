@@ -5,6 +5,7 @@
         --prompt "$(cat assets/demo_prompt.txt)" --output outputs/demo.mp4 --compare
     python inference.py ... --dry-run                    # print the plan, load nothing
     python inference.py ... attention.backend=triton sampler.steps=16   # config overrides
+    python inference.py ... memory.offload=blocks memory.guidance=sequential   # fit a 24 GB GPU
 
 Errors are reported on one line (`inference.py: error: ...`) with exit status 2 for bad
 arguments, configuration or weight files (all found before any model loads) and 1 for a
@@ -51,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Edit a video from a text instruction with LIVEditor-14B (Wan 2.2 A14B + In-Context Sparse "
                     "Attention).",
         epilog="Trailing key=value arguments override the config (omegaconf dot-list), e.g. "
-               "attention.backend=triton sampler.shift=5.0 video.size=[720,720]. Options given as flags win.",
+               "attention.backend=triton sampler.shift=5.0 video.size=[720,720]. Options given as flags win. "
+               "GPU memory: memory.profile=auto (default: the fastest tier that fits the free GPU memory) or "
+               "manual; memory.offload=none|model|blocks, memory.weights=bf16|fp8, "
+               "memory.guidance=batch|sequential fix a value (--dry-run lists every tier's estimate).",
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG,
                         help="YAML config (default: inference.yaml, the real model)")
@@ -72,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", action="store_true",
                         help="also write <output>_compare.mp4: source (resized, cropped) and edit side by side")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print frames, resolution, token counts, attention FLOPs and a memory estimate; "
-                             "load nothing")
+                        help="print frames, resolution, token counts, attention FLOPs and every memory tier's "
+                             "estimate with the one chosen; load nothing")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
@@ -187,10 +191,10 @@ def run(args) -> int:
         check_weights(cfg)
     try:
         source = pipeline.read_source(cfg, args.input)
-        plan = planning.make_plan(cfg, source)
+        plan = planning.make_plan(cfg, source, planning.free_gpu_bytes(cfg))
     except (VideoError, ConfigError) as exc:
         raise CliError(str(exc)) from exc
-    say(report.format_plan(plan), flush=True)
+    say(report.format_plan(plan, all_tiers=args.dry_run), flush=True)
     if args.dry_run:
         for role, path in components.weight_paths(cfg).items():
             state = "not set" if path is None else ("found" if os.path.exists(path) else "MISSING")
@@ -210,13 +214,14 @@ def run(args) -> int:
             say(f"NOTE: the {cfg.model.kind!r} model has RANDOM weights: the pipeline runs end to end, but the "
                 "output is noise-like, not an edit.", flush=True)
         try:
-            pipe = pipeline.EditingPipeline.load(cfg, progress=not args.quiet, parallel=context)
+            pipe = pipeline.EditingPipeline.load(cfg, progress=not args.quiet, parallel=context,
+                                                 memory=plan.memory_setting)
             result = pipe.edit(source, args.prompt, progress=not args.quiet)
         except ConfigError as exc:
             raise CliError(str(exc)) from exc
         except (CheckpointError, OSError) as exc:
             raise CliError(f"cannot load the model: {one_line(exc)}", status=1) from exc
-        except pipeline.NonFiniteError as exc:
+        except (pipeline.NonFiniteError, pipeline.GPUMemoryError) as exc:
             raise CliError(str(exc), status=1) from exc
 
         start = time.perf_counter()
@@ -260,9 +265,9 @@ def _unexpected(exc: BaseException) -> str:
     """One line for an error no stage anticipated, with a pointer to the full traceback."""
     import torch
 
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return ("the GPU ran out of memory; try a shorter clip (--max-frames), a smaller video.size, "
-                "video.vae_tiling=true, or --guidance 1.0 (no CFG batch); nothing was written")
+    if isinstance(exc, torch.cuda.OutOfMemoryError):  # outside the pipeline's stages, which name themselves
+        return ("the GPU ran out of memory; try memory.offload=blocks, memory.weights=fp8, a shorter clip "
+                "(--max-frames), a smaller video.size or video.vae_tiling=true; nothing was written")
     text = " ".join(str(exc).split())
     return (f"unexpected {type(exc).__name__}: {text[:300] or 'no message'} (nothing was written; "
             f"set {TRACEBACK_VARIABLE}=1 for the traceback)")

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .config import ConfigError, attention_options, one_line
+from .config import ConfigError, MemorySetting, attention_options, one_line
+from .memory import HOST, apply_memory_mode, check_memory_mode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -115,11 +116,18 @@ def check_backend(cfg, device: torch.device) -> None:
         raise ConfigError(f"attention backend {backend!r} cannot run on {device}: {one_line(exc)}") from exc
 
 
-def load_components(cfg, on_component=lambda name: None, on_loaded=lambda: None):
-    """Build or load the text encoder, the VAE and the DiT of `cfg.model` on the configured device.
+def load_components(cfg, memory: MemorySetting, on_component=lambda name: None, on_loaded=lambda: None):
+    """Build or load the text encoder, the VAE and the DiT of `cfg.model`, placed as `memory` says.
+
+    Offload "none": all three on the configured device. "model" and "blocks": umT5 and the VAE
+    on the host (the pipeline moves each to the device for its stage). The DiT loads on the host
+    whenever the tier is not none/bf16 (its bf16 weights need not fit the GPU), then
+    `wanx.memory.apply_memory_mode` stores it (fp8: quantised layer by layer on the device) and
+    places it: on the device ("none"), on the host ("model") or streamed block by block ("blocks").
 
     Args:
         cfg: the configuration (`wanx.config`).
+        memory: the memory tier (`wanx.planning.make_plan`'s choice).
         on_component: called with each component's name before it loads (progress bars).
         on_loaded: called after each of the three has loaded.
 
@@ -129,7 +137,8 @@ def load_components(cfg, on_component=lambda name: None, on_loaded=lambda: None)
 
     Raises:
         ConfigError: missing weight files, an attention backend that cannot run on the
-            device, or components that do not fit together.
+            device, a memory tier the device cannot run (blocks off CUDA): all before anything
+            loads; or components that do not fit together.
         wanx.dit_loader.CheckpointError: a weight file that cannot be loaded.
     """
     from model import TINY_CONFIG, WanDiT
@@ -143,48 +152,54 @@ def load_components(cfg, on_component=lambda name: None, on_loaded=lambda: None)
     if problems:
         raise ConfigError("; ".join(problems))
     device = resolve_device(cfg)
+    try:
+        check_memory_mode(memory.offload, memory.weights, device)
+    except ValueError as exc:
+        raise ConfigError(f"memory: {exc}") from exc
     check_backend(cfg, device)
     m = cfg.model
     dtype, vae_dtype = DTYPES[m.dtype], DTYPES[m.vae_dtype]
+    home = device if memory.offload == "none" else HOST  # of umT5 and the VAE between their stages
+    dit_home = device if (memory.offload, memory.weights) == ("none", "bf16") else HOST
 
     on_component("text encoder")
     if m.kind == "tiny":
-        text_encoder = WanTextEncoder.tiny(seed=m.seed, dtype=dtype, device=device)
+        text_encoder = WanTextEncoder.tiny(seed=m.seed, dtype=dtype, device=home)
     elif m.kind == "random":
-        text_encoder = random_weights.random_text_encoder(device, dtype, seed=m.seed, tokenizer_dir=m.tokenizer)
+        text_encoder = random_weights.random_text_encoder(home, dtype, seed=m.seed, tokenizer_dir=m.tokenizer)
     else:
-        text_encoder = WanTextEncoder.from_wan_checkpoint(m.text_encoder, m.tokenizer, dtype=dtype, device=device)
+        text_encoder = WanTextEncoder.from_wan_checkpoint(m.text_encoder, m.tokenizer, dtype=dtype, device=home)
     on_loaded()
 
     on_component("VAE")
     if m.kind == "tiny":
-        vae = WanVAE.tiny(seed=m.seed, dtype=vae_dtype, device=device)
+        vae = WanVAE.tiny(seed=m.seed, dtype=vae_dtype, device=home)
     elif m.kind == "random":
-        vae = random_weights.random_vae(device, vae_dtype, seed=m.seed)
+        vae = random_weights.random_vae(home, vae_dtype, seed=m.seed)
     else:
-        vae = WanVAE.from_checkpoint(m.vae, dtype=vae_dtype, device=device)
+        vae = WanVAE.from_checkpoint(m.vae, dtype=vae_dtype, device=home)
     if cfg.video.vae_tiling:
         vae.enable_tiling()
     on_loaded()
 
     on_component("DiT")
     if m.kind == "tiny" and m.checkpoint is None:
-        dit = WanDiT.tiny(seed=m.seed).to(device)
+        dit = WanDiT.tiny(seed=m.seed).to(dit_home)
         if dtype != torch.float32:
             dit = dit.to(dtype=dtype)
     elif m.kind == "tiny":
-        dit = load_dit(m.checkpoint, dtype=dtype, device=device, config=dict(TINY_CONFIG))
+        dit = load_dit(m.checkpoint, dtype=dtype, device=dit_home, config=dict(TINY_CONFIG))
     elif m.kind == "random":
-        dit = random_weights.random_dit(device=device, dtype=dtype, seed=m.seed)
+        dit = random_weights.random_dit(device=dit_home, dtype=dtype, seed=m.seed)
     elif m.dit is not None:
-        dit = load_dit(m.dit, overlay=m.checkpoint, dtype=dtype, device=device)
+        dit = load_dit(m.dit, overlay=m.checkpoint, dtype=dtype, device=dit_home)
     else:
-        dit = load_dit(m.checkpoint, dtype=dtype, device=device)
+        dit = load_dit(m.checkpoint, dtype=dtype, device=dit_home)
     dit.eval().requires_grad_(False)
-    on_loaded()
-
     if dit.config.text_dim != text_encoder.dim:
         raise ConfigError(f"the DiT expects {dit.config.text_dim}-dim text features, the text encoder gives "
                           f"{text_encoder.dim}")
     dit.set_attention(cfg.attention.backend, attention_options(cfg))
+    apply_memory_mode(dit, memory.offload, memory.weights, device)
+    on_loaded()
     return text_encoder, vae, dit, device
