@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="the tiny CPU model (methods default to dense,torch)")
     parser.add_argument("--json", default=None, help="output JSON (default docs/bench_edit.json, "
                                                      "docs/bench_edit_tiny.json with --tiny)")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides after the benchmark's own, e.g. memory.offload=blocks")
+    args = parser.parse_intermixed_args(argv)
     if args.tiny and args.methods == parser.get_default("methods"):
         args.methods = "dense,torch"
     if args.tiny and (args.frames, args.height, args.width) == (81, 544, 960):
@@ -152,14 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     from wanx.pipeline import EditingPipeline, SourceVideo, read_source
     from wanx.video import write_video
 
+    # a fixed memory tier (none, bf16, batch unless memory.* overrides say otherwise): a benchmark
+    # measures the tier it is given, it does not pick one
     overrides = [f"sampler.steps={args.steps}", f"video.max_frames={args.frames}",
-                 f"video.size=[{args.height},{args.width}]"]
+                 f"video.size=[{args.height},{args.width}]", "attention.backend=dense", "memory.profile=manual"]
     if args.tiny:
-        cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides + ["attention.backend=dense"])
+        cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides + args.overrides)
     else:
-        cfg = load_config(os.path.join(ROOT, "inference.yaml"), overrides + ["model.kind=random", "model.dit=null",
-                                                                            "model.tokenizer=null",
-                                                                            "attention.backend=dense"])
+        cfg = load_config(os.path.join(ROOT, "inference.yaml"),
+                          overrides + ["model.kind=random", "model.dit=null", "model.tokenizer=null"] + args.overrides)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     with tempfile.TemporaryDirectory() as folder:
         video_io = ffmpeg_available()
