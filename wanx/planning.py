@@ -53,7 +53,7 @@ def attention_flops(seq_len: int, target_len: int, heads: int, head_dim: int,
                     config: Optional[ISAConfig]) -> float:
     """Self-attention FLOPs of one layer for one sample (multiply-add = 2 FLOPs).
 
-    Dense: QK^T and PV over all S tokens, 4 S^2 D per head. ISA (SPEC section 2), per head:
+    Dense: QK^T and PV over all S tokens, 4 S^2 D per head. ISA (docs/isa.md), per head:
     compressed attention over the NB block means (4 NB^2 D); the floor(NB * flat_ratio)
     full query blocks attend to the L tokens of the pruned set (4 b L D each); every other
     query block scores the NKV kept blocks with its mean query (2 NKV D), attends E blocks
