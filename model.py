@@ -449,9 +449,12 @@ class WanDiT(ModelMixin, ConfigMixin):
         Args:
             backend: a name registered in `wanx.attention` ("dense": FlashAttention-3 >
                 FlashAttention-2 > SDPA over all S tokens, no gate residual; an ISA backend:
-                "torch", "triton", "tilelang"; any method registered later), or a method object.
-            isa_config: the named method's options (an `ISAConfig` for the ISA backends,
-                default `ISAConfig()`; None for "dense"). Not used with a method object.
+                "torch", "triton", "tilelang"; "lvsa"; any method registered later), or a
+                method object.
+            isa_config: the named method's options (kept under this name for the ISA callers):
+                an `ISAConfig` for the ISA backends (default `ISAConfig()`), an `LVSAConfig` or
+                `wanx.attention.LVSAOptions` for "lvsa", None for "dense". Not used with a
+                method object.
         Raises:
             ValueError: unknown name, a backend that cannot be imported here, or options the
                 method refuses (TypeError for options of the wrong type).
