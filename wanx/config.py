@@ -13,6 +13,9 @@ anything is loaded, and every refusal is a `ConfigError` with a one-line message
   `false`, never `"yes"` or `1`; an integer is not a float);
 - every number lies in the range its consumer can use (`validate_config`).
 OmegaConf then merges the checked layers and resolves `${...}` interpolations.
+
+Why one module of this length: the schema, the strict reader that checks every layer against
+it and the ranges are one contract, read together when a key is added.
 """
 from __future__ import annotations
 

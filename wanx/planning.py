@@ -6,6 +6,10 @@ Memory tiers are the combinations of `memory.offload`, `memory.weights` and `mem
 (`wanx.config.MemorySection`). `make_plan` estimates each one's peak and picks one: with
 `memory.profile` "auto", the first in `memory_tiers`' order that matches the values set and whose
 peak fits the free GPU memory less `FIT_MARGIN`; with "manual", the first that matches.
+
+Why one module of this length: every figure of the plan (tokens, FLOPs, memory per tier, per
+rank) is derived from the same shapes in one pass, and `--dry-run` prints exactly this plan;
+split apart, the pieces would each recompute the shapes.
 """
 from __future__ import annotations
 
