@@ -23,7 +23,6 @@ import signal
 import sys
 import time
 import unicodedata
-import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "inference.yaml")
@@ -102,9 +101,9 @@ def visible_text(text: str) -> str:
 
 
 def check_arguments(args) -> list[str]:
-    """Validate what needs no loading; returns the output paths this run will write."""
+    """Validate what needs no loading; returns the output paths this run will write (checked
+    later by `check_outputs`, once the config names every file the run reads)."""
     from wanx.attention import attention_names
-    from wanx.outputs import OutputError, check_output_paths
 
     if not visible_text(args.prompt):
         raise CliError("the prompt is empty (it has no visible characters)")
@@ -112,8 +111,12 @@ def check_arguments(args) -> list[str]:
         raise CliError(f"unknown backend {args.backend!r}: choose one of {', '.join(attention_names())}")
     if args.checkpoint is not None and not os.path.exists(args.checkpoint):
         raise CliError(f"checkpoint not found: {args.checkpoint!r}")
-    if not os.path.exists(args.input):
-        raise CliError(f"input video not found: {args.input!r}")
+    try:
+        os.stat(args.input)
+    except FileNotFoundError:
+        raise CliError(f"input video not found: {args.input!r}") from None
+    except OSError as exc:
+        raise CliError(f"input video cannot be opened: {args.input!r} ({exc.strerror or exc})") from None
     if not os.path.isfile(args.input):
         raise CliError(f"input is not a file: {args.input!r}")
     if not os.access(args.input, os.R_OK):
@@ -122,15 +125,23 @@ def check_arguments(args) -> list[str]:
         return []
     if not args.output:
         raise CliError("--output is required (unless --dry-run)")
-    outputs = [args.output] + ([compare_path(args.output)] if args.compare else [])
+    return [args.output] + ([compare_path(args.output)] if args.compare else [])
+
+
+def check_outputs(args, cfg, outputs: list[str]) -> None:
+    """No output may damage a file the run reads (the input, the config, any weight file) or fail
+    to be written (`wanx.outputs.check_output_paths`)."""
+    from wanx import components
+    from wanx.outputs import OutputError, check_output_paths
+
+    others = {args.config: "the config file"}
+    for role, path in components.weight_paths(cfg).items():
+        if path is not None:
+            others[path] = f"model.{role}"
     try:
-        others = {args.config: "the config file"}
-        if args.checkpoint is not None:
-            others[args.checkpoint] = "the checkpoint"
         check_output_paths(outputs, args.input, args.overwrite, others)
     except OutputError as exc:
         raise CliError(str(exc)) from exc
-    return outputs
 
 
 def check_weights(cfg) -> None:
@@ -152,16 +163,25 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def write_outputs(outputs: list[str], videos: dict, fps: float) -> None:
+# The outputs this process has published: a signal held back during the renames is delivered
+# just after them, and the message it ends with must then say the files were written.
+PUBLISHED: list[str] = []
+
+
+def write_outputs(outputs: list[str], videos: dict, fps: float, overwrite: bool) -> None:
     """Encode, verify and publish every output together (`wanx.outputs.OutputSet`); CliError on failure."""
     from wanx.outputs import OutputError, OutputSet
     from wanx.video import VideoError, encode_video
 
     try:
-        with OutputSet(outputs) as staged:
+        with OutputSet(outputs, overwrite=overwrite) as staged:
             for path, frames in videos.items():
                 encode_video(staged.stage(path), frames, fps=fps)
-            staged.publish()
+            try:
+                staged.publish()
+            finally:
+                if staged.published:
+                    PUBLISHED[:] = outputs
     except (VideoError, OutputError) as exc:
         raise CliError(f"{exc} (nothing was written)", status=1) from exc
     except OSError as exc:
@@ -177,7 +197,7 @@ def run(args) -> int:
     from wanx import components, pipeline, planning, report
     from wanx.config import ConfigError, load_config, one_line
     from wanx.dit_loader import CheckpointError
-    from wanx.parallel import ParallelContext, ParallelError
+    from wanx.parallel import ParallelContext, ParallelError, check_layout
     from wanx.video import VideoError
 
     main = is_main_process()
@@ -187,11 +207,20 @@ def run(args) -> int:
         cfg = load_config(args.config, list(args.overrides), flag_settings(args))
     except ConfigError as exc:
         raise CliError(str(exc)) from exc
+    try:
+        device = components.resolve_device(cfg)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
     if not args.dry_run:
+        check_outputs(args, cfg, outputs)
         check_weights(cfg)
     try:
         source = pipeline.read_source(cfg, args.input)
         plan = planning.make_plan(cfg, source, planning.free_gpu_bytes(cfg))
+        # a dry run plans for the layout as if launched with it; a run must be launched with it
+        p = cfg.parallel
+        world_size = p.ulysses_degree * p.cfg_degree if args.dry_run else int(os.environ.get("WORLD_SIZE", "1"))
+        check_layout(p.ulysses_degree, p.cfg_degree, world_size, num_heads=plan.heads)
     except (VideoError, ConfigError) as exc:
         raise CliError(str(exc)) from exc
     say(report.format_plan(plan, all_tiers=args.dry_run), flush=True)
@@ -202,10 +231,9 @@ def run(args) -> int:
         say("dry run: nothing loaded, nothing written")
         return 0
 
-    p = cfg.parallel
     try:
         context = ParallelContext.from_environment(
-            p.ulysses_degree, p.cfg_degree, p.shard_weights, device_type=components.resolve_device(cfg).type,
+            p.ulysses_degree, p.cfg_degree, p.shard_weights, device_type=device.type,
             num_heads=plan.heads, timeout_s=p.timeout_s)
     except ConfigError as exc:
         raise CliError(str(exc)) from exc
@@ -216,13 +244,20 @@ def run(args) -> int:
         try:
             pipe = pipeline.EditingPipeline.load(cfg, progress=not args.quiet, parallel=context,
                                                  memory=plan.memory_setting)
-            result = pipe.edit(source, args.prompt, progress=not args.quiet)
         except ConfigError as exc:
             raise CliError(str(exc)) from exc
         except (CheckpointError, OSError) as exc:
             raise CliError(f"cannot load the model: {one_line(exc)}", status=1) from exc
+        except pipeline.GPUMemoryError as exc:
+            raise CliError(str(exc), status=1) from exc
+        try:
+            result = pipe.edit(source, args.prompt, progress=not args.quiet)
+        except ConfigError as exc:
+            raise CliError(str(exc)) from exc
         except (pipeline.NonFiniteError, pipeline.GPUMemoryError) as exc:
             raise CliError(str(exc), status=1) from exc
+        except OSError as exc:
+            raise CliError(f"the edit failed: {one_line(exc)} (nothing was written)", status=1) from exc
 
         start = time.perf_counter()
         videos = {args.output: result.video}
@@ -230,7 +265,7 @@ def run(args) -> int:
             videos[compare_path(args.output)] = pipeline.side_by_side(result.source, result.video)
         with context.stage("write"):
             if context.is_main:
-                write_outputs(outputs, videos, result.fps)
+                write_outputs(outputs, videos, result.fps, args.overwrite)
         result.timings["write"] = time.perf_counter() - start
         say(report.format_summary(result, outputs), flush=True)
         if context.world_size > 1:
@@ -254,11 +289,14 @@ def _raise_terminated(signum, _frame):
     raise Terminated(signum)
 
 
-def _install_signal_handlers() -> None:
+def _install_signal_handlers() -> dict:
+    """SIGTERM and SIGHUP raise `Terminated` (unless ignored); returns the handlers they replaced."""
+    previous = {}
     for name in ("SIGTERM", "SIGHUP"):
         signum = getattr(signal, name, None)
         if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, _raise_terminated)
+            previous[signum] = signal.signal(signum, _raise_terminated)
+    return previous
 
 
 def _unexpected(exc: BaseException) -> str:
@@ -278,24 +316,35 @@ def main(argv: list[str] | None = None) -> int:
     128 + N when stopped by signal N)."""
     args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
-    _install_signal_handlers()
+    previous_handlers = _install_signal_handlers()
+    PUBLISHED.clear()
     try:
         return run(args)
     except CliError as exc:
         print(f"inference.py: error: {exc}", file=sys.stderr)
         return exc.status
     except KeyboardInterrupt:
-        print("\ninference.py: interrupted: no output written", file=sys.stderr)
+        print(f"\ninference.py: interrupted: {_what_was_written()}", file=sys.stderr)
         return 130
     except Terminated as exc:
-        print(f"\ninference.py: stopped by {signal.Signals(exc.signum).name}: no output written", file=sys.stderr)
+        print(f"\ninference.py: stopped by {signal.Signals(exc.signum).name}: {_what_was_written()}",
+              file=sys.stderr)
         return 128 + exc.signum
     except Exception as exc:
         if os.environ.get(TRACEBACK_VARIABLE) == "1":
             raise
         print(f"inference.py: error: {_unexpected(exc)}", file=sys.stderr)
         return 1
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+
+
+def _what_was_written() -> str:
+    """For a stop by a signal: whether the outputs had already been published when it came."""
+    if PUBLISHED:
+        return f"the outputs were already complete and written ({', '.join(PUBLISHED)})"
+    return "no output written"
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 
 import inference
 from test_inference_cli import ASSET, QUICK, ROOT, TINY, cli, error_line
+from wanx.video import read_video
 
 PROMPT = "make the ball yellow"
 
@@ -168,3 +169,39 @@ def test_a_write_that_runs_out_of_space_fails_and_publishes_nothing(tmp_path):
     assert "wrote" not in result.stdout
     assert out.read_bytes() == b"old edit"
     assert sorted(os.listdir(tmp_path)) == ["out.mp4"]
+
+
+def test_a_checkpoint_named_in_the_config_is_never_an_output(tmp_path):
+    checkpoint = tmp_path / "ck.bin"
+    checkpoint.write_bytes(b"the user's checkpoint")
+    result = cli(*run_args(checkpoint, "--overwrite", f"model.checkpoint={checkpoint}"))
+    assert result.returncode == 2
+    assert "is model.checkpoint" in error_line(result)
+    assert checkpoint.read_bytes() == b"the user's checkpoint"
+
+
+# A SIGTERM that arrives while the outputs are renamed into place is held back until both are:
+# the run then stops with 143, and its message says the outputs were written (they are complete).
+SIGNAL_DURING_PUBLISH = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    import inference, wanx.outputs
+    real = os.link  # without --overwrite each output is hard-linked into place
+    def link_then_signal(src, dst, **kwargs):
+        real(src, dst, **kwargs)
+        if str(dst).endswith("out.mp4"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    wanx.outputs.os.link = link_then_signal
+    sys.exit(inference.main(sys.argv[1:]))
+""")
+
+
+def test_a_signal_during_the_renames_is_reported_after_them(tmp_path):
+    out = tmp_path / "out.mp4"
+    script = SIGNAL_DURING_PUBLISH.format(root=ROOT)
+    result = subprocess.run([sys.executable, "-c", script, *run_args(out, "--compare")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 143, result.stderr
+    assert "the outputs were already complete and written" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["out.mp4", "out_compare.mp4"]
+    assert read_video(tmp_path / "out_compare.mp4")[0].shape == (5, 32, 96, 3)

@@ -159,3 +159,21 @@ def test_the_memory_section_defaults_to_auto_with_nothing_fixed():
 ])
 def test_bad_memory_settings_are_refused_on_one_line(overrides, reason):
     assert reason in refusal(TINY, overrides)
+
+
+@pytest.mark.parametrize("override, reason", [
+    ("sampler.seed=1:30", "sampler.seed must be an integer"),  # YAML 1.1 would read 90
+    ("sampler.seed=0x40", "sampler.seed must be an integer"),
+    ("sampler.steps=1_0", "sampler.steps must be an integer"),
+    ("model={[1]: 2}", "a key must be a plain name"),
+    ("sampler.seed=" + "9" * 5000, "cannot be read"),
+    ("model.vae=${oc.env:HOME}", "not a plain reference"),
+    ("parallel.shard_weights=true", "needs several processes"),
+])
+def test_yaml_1_1_surprises_unhashable_keys_huge_numbers_and_resolvers_are_refused(override, reason):
+    assert reason in refusal(TINY, [override])
+
+
+def test_flag_values_are_verbatim_text_even_with_a_dollar_brace():
+    cfg = load_config(TINY, settings={"negative_prompt": "blurry, ${x}"})
+    assert cfg.negative_prompt == "blurry, ${x}"

@@ -147,6 +147,8 @@ def refuse_loading(monkeypatch):
 def test_the_cli_refuses_bad_memory_settings_before_loading(overrides, reason, monkeypatch, capsys, tmp_path):
     refuse_loading(monkeypatch)
     monkeypatch.setattr(planning, "free_gpu_bytes", lambda cfg: 2**20)  # 1 MiB: smaller than every tier
+    if "device=cuda" in overrides:  # a GPU that this CPU machine does not have, as far as the CLI can tell
+        monkeypatch.setattr(components, "resolve_device", lambda cfg: torch.device("cuda"))
     out = tmp_path / "edit.mp4"
     status = inference.main(["--config", TINY, "--input", ASSET, "--prompt", "snow", "--output", str(out),
                              "--quiet", *CLI_QUICK, *overrides])

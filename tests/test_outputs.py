@@ -226,3 +226,47 @@ def refusal_with_others(paths, input_path, others) -> str:
     with pytest.raises(OutputError) as info:
         check_output_paths([str(p) for p in paths], str(input_path), True, others)
     return str(info.value)
+
+
+def test_without_overwrite_a_file_that_appears_later_is_not_replaced(tmp_path):
+    out = tmp_path / "out.mp4"
+    with pytest.raises(OutputError, match="appeared after the output was checked"):
+        with OutputSet([str(out)], overwrite=False) as staged:
+            open(staged.stage(str(out)), "wb").write(b"new")
+            out.write_bytes(b"someone else's file")  # between the check and the publish
+            staged.publish()
+    assert out.read_bytes() == b"someone else's file"
+    assert os.listdir(tmp_path) == ["out.mp4"]
+
+
+def test_folders_made_for_a_failed_set_are_removed(tmp_path):
+    deep = tmp_path / "new" / "deeper" / "out.mp4"
+    with pytest.raises(RuntimeError):
+        with OutputSet([str(deep)]) as staged:
+            staged.stage(str(deep))
+            raise RuntimeError("the encoder failed")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_backup_that_cannot_be_put_back_is_kept_and_named(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    a.write_bytes(b"old a")
+    real_replace = os.replace
+
+    def no_link(*args, **kwargs):
+        raise OSError(1, "Operation not permitted")
+
+    def failing(src, dst):
+        if os.fspath(dst) == str(b) or os.fspath(src).endswith(".old"):
+            raise OSError(5, "Input/output error", os.fspath(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "link", no_link)  # the old a.mp4 is moved aside, not linked
+    monkeypatch.setattr(outputs.os, "replace", failing)
+    with pytest.raises(OutputError, match="the old file is kept as"):
+        with OutputSet([str(a), str(b)]) as staged:
+            for path in (a, b):
+                open(staged.stage(str(path)), "wb").write(b"new")
+            staged.publish()
+    kept = [name for name in os.listdir(tmp_path) if name.endswith(".old")]
+    assert len(kept) == 1 and (tmp_path / kept[0]).read_bytes() == b"old a"

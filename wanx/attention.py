@@ -26,7 +26,7 @@ from in_context_sparse_attention.backends import get_backend
 from long_video_sparse_attention import BACKEND_NAMES as LVSA_BACKEND_NAMES
 from long_video_sparse_attention import LVSAConfig, lvsa_attention
 
-LVSA_KERNELS = ("auto", *LVSA_BACKEND_NAMES)  # "auto": FlexAttention on CUDA, the PyTorch reference elsewhere
+LVSA_KERNELS = ("auto", *LVSA_BACKEND_NAMES)  # "auto": gather on CUDA, the PyTorch reference elsewhere
 
 
 @dataclass(frozen=True)

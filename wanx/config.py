@@ -12,7 +12,8 @@ anything is loaded, and every refusal is a `ConfigError` with a one-line message
 - every key is known and every value has the schema's type exactly (a boolean is `true` or
   `false`, never `"yes"` or `1`; an integer is not a float);
 - every number lies in the range its consumer can use (`validate_config`).
-OmegaConf then merges the checked layers and resolves `${...}` interpolations.
+OmegaConf merges the checked file and override layers and resolves their `${...}` references; the
+result is plain dataclasses, onto which the flags are set verbatim (a "${" in a prompt stays text).
 
 Why one module of this length: the schema, the strict reader that checks every layer against
 it and the ranges are one contract, read together when a key is added.
@@ -199,6 +200,9 @@ class _StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise yaml.MarkedYAMLError(problem="a key must be a plain name, not a list or mapping",
+                                           problem_mark=key_node.start_mark)
             if key in seen:
                 raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark)
             seen.add(key)
@@ -206,16 +210,23 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _yaml12_scalars(loader: type) -> None:
-    """Read scalars as YAML 1.2 does: only true/false are booleans (YAML 1.1 also turns yes, no,
-    on and off into booleans, a classic surprise), and "1e9" (an exponent without a dot) is a number."""
+    """Read scalars as YAML 1.2's core schema does. YAML 1.1 (PyYAML's default) turns yes, no, on
+    and off into booleans, 1:30 into 90 (base 60), 0x40 into 64 and 1_0 into 10: classic surprises.
+    Here only true/false are booleans, integers are decimal digits, numbers are decimal (with an
+    exponent, "1e9" included, or .inf / .nan); everything else is a string, which the schema then
+    refuses where a number or a boolean is expected."""
+    replaced = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
     loader.yaml_implicit_resolvers = {
-        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in replaced]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
     loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                  list("tTfF"))
-    loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                 re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+    loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        list("-+0123456789."))
 
 
 _yaml12_scalars(_StrictLoader)
@@ -240,6 +251,8 @@ def parse_yaml(text: str, origin: str) -> Any:
         raise ConfigError(f"{origin} is not valid YAML: {_yaml_problem(exc)}") from exc
     except RecursionError as exc:
         raise ConfigError(f"{origin} nests too deeply to be a config") from exc
+    except (ValueError, TypeError) as exc:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{origin} holds a value that cannot be read: {one_line(exc)[:200]}") from exc
 
 
 def read_config_file(path: str) -> dict:
@@ -275,7 +288,15 @@ def _yaml_type(value: Any) -> str:
 
 
 def _is_interpolation(value: Any) -> bool:
-    return isinstance(value, str) and "${" in value
+    """Whether `value` uses `${...}`. Only references to other keys are allowed (`${model.wan_dir}`):
+    a resolver (`${oc.env:X}`, `${oc.decode:...}`) would bring in text that no check has seen."""
+    if not isinstance(value, str) or "${" not in value:
+        return False
+    for inner in re.findall(r"\$\{([^}]*)\}", value):
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", inner):
+            raise ConfigError(f"bad configuration: interpolation ${{{inner}}} is not a plain reference to another "
+                              "key (resolvers such as oc.env are not allowed)")
+    return True
 
 
 def _check_value(key: str, value: Any, annotation: Any) -> None:
@@ -349,7 +370,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         settings: {dotted key: Python value}, set as they are (the CLI's flags).
 
     Returns:
-        An OmegaConf DictConfig of `PipelineConfig`, interpolations resolved, every value checked.
+        A `PipelineConfig` (plain dataclasses), interpolations resolved, every value checked.
 
     Raises:
         ConfigError: an unreadable or malformed file, an unknown key, a wrongly typed or
@@ -360,18 +381,29 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
     layers = [read_config_file(path)] if path is not None else []
     layers += [parse_override(item) for item in overrides or []]
-    layers += [_nest(key, value) for key, value in (settings or {}).items()]
-    for layer in layers:
+    flags = [_nest(key, value) for key, value in (settings or {}).items()]
+    for layer in layers + flags:
         check_layer(layer)
-    cfg = OmegaConf.structured(PipelineConfig)
+    merged = OmegaConf.structured(PipelineConfig)
     try:
         for layer in layers:
-            cfg = OmegaConf.merge(cfg, layer)
-        OmegaConf.resolve(cfg)
+            merged = OmegaConf.merge(merged, layer)
+        cfg = OmegaConf.to_object(merged)  # interpolations resolved; plain dataclasses from here on
     except OmegaConfBaseException as exc:
         raise ConfigError(f"bad configuration: {one_line(exc)}") from exc
+    for flag in flags:  # verbatim: a "${" in a prompt or a path given as a flag is text
+        _set_values(cfg, flag)
     validate_config(cfg)
     return cfg
+
+
+def _set_values(target, layer: dict) -> None:
+    """Write a checked nested mapping onto the dataclass `target`, section by section."""
+    for key, value in layer.items():
+        if isinstance(value, dict):
+            _set_values(getattr(target, key), value)
+        else:
+            setattr(target, key, float(value) if isinstance(getattr(target, key), float) else value)
 
 
 def one_line(exc: BaseException) -> str:
@@ -416,6 +448,8 @@ def validate_config(cfg) -> None:
         (p.cfg_degree == 1 or s.guidance != 1.0,
          "parallel.cfg_degree 2 needs classifier-free guidance (sampler.guidance != 1)"),
         (_in_range(p.timeout_s, 10.0, 86_400.0), f"parallel.timeout_s must be in [10, 86400], got {p.timeout_s}"),
+        (not p.shard_weights or p.ulysses_degree * p.cfg_degree > 1,
+         "parallel.shard_weights needs several processes (ulysses_degree x cfg_degree > 1)"),
         (p.ulysses_degree * p.cfg_degree == 1 or cfg.device in ("auto", "cuda", "cpu"),
          f"under torchrun each process takes the GPU of its LOCAL_RANK: device must be 'auto' or 'cuda', "
          f"got {cfg.device!r}"),

@@ -58,8 +58,8 @@ FP8_SKIP_PATTERNS = ("embedding", "time_projection", r"^head", r"alpha_\d")
 HOST = torch.device("cpu")
 GIB = 2.0**30
 # The DiT's activations at their peak, in bytes per token (S = target + source) and model channel,
-# fitted to two peaks measured on an H200 at 81 frames 960x544 (S = 85,680), bf16, 14 B DiT
-# (26.62 GiB of weights): one batch-1 forward peaked at 37.8 GiB (docs/benchmarks.md) and the
+# fitted to two peaks measured at 81 frames 960x544 (S = 85,680), bf16, 14 B DiT (26.62 GiB of
+# weights): one batch-1 forward peaked at 37.8 GiB on an H100 (docs/benchmarks.md) and, on an H200, the
 # denoising stage of a whole edit, guided batch of 2 with the fp32 VAE (0.47 GiB) also on the GPU,
 # at 48.5 GiB (docs/bench_edit.md). The difference, 48.5 - 37.8 - 0.47 = 10.23 GiB, is one more
 # sample: 25.0 bytes per token and channel; what the batch-1 peak holds beyond the weights and

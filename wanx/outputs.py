@@ -12,9 +12,10 @@ A user's files are never damaged:
 - `OutputSet` stages every output as a hidden temporary file beside its destination, and
   `publish` renames all of them into place only when every one is complete. Existing files
   are kept as hard-linked backups until the last rename has succeeded and restored if one
-  fails, so a reader sees either all the old files or all the new ones. Signals are held
-  back during those few renames. Leaving the `with` block by any path (an error, Ctrl-C,
-  SIGTERM turned into an exception by the CLI) removes every temporary file and backup.
+  fails. Signals are held back during those few renames (still two moments: a reader in
+  between may see the new edit beside the old comparison video). Leaving the `with` block by
+  any path (an error, Ctrl-C, SIGTERM turned into an exception by the CLI) removes every
+  temporary file, backup and folder it created.
 """
 from __future__ import annotations
 
@@ -164,17 +165,23 @@ def signals_held() -> Iterator[None]:
 class OutputSet:
     """Stage several outputs as temporary files, then publish all of them or none.
 
-        with OutputSet([out, compare]) as outputs:
+        with OutputSet([out, compare], overwrite=False) as outputs:
             encode_video(outputs.stage(out), frames, fps)      # verified complete
             encode_video(outputs.stage(compare), frames2, fps)
             outputs.publish()
+
+    Without `overwrite`, a file that appeared at a destination after the paths were checked
+    is not replaced: publishing then fails and changes nothing. Folders that `stage` created
+    are removed again (when empty) unless the set was published.
     """
 
-    def __init__(self, destinations: list[str]):
+    def __init__(self, destinations: list[str], overwrite: bool = True):
         self.destinations = [os.fspath(d) for d in destinations]
+        self.overwrite = overwrite
         self.staged: dict[str, str] = {}
         self.published = False
         self._leftovers: set[str] = set()
+        self._created_folders: list[str] = []
 
     def __enter__(self) -> "OutputSet":
         return self
@@ -185,13 +192,19 @@ class OutputSet:
                 os.remove(path)
             except FileNotFoundError:
                 pass
+        if not self.published:
+            for folder in reversed(self._created_folders):  # deepest first
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break  # not empty (or gone): leave it and its parents
 
     def stage(self, destination: str) -> str:
         """A fresh hidden temporary path beside `destination` (created empty), removed on exit."""
         if destination not in self.destinations:
             raise ValueError(f"{destination!r} is not one of this set's destinations {self.destinations}")
         folder = os.path.dirname(os.path.abspath(destination))
-        os.makedirs(folder, exist_ok=True)
+        self._make_folders(folder)
         fd, temp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX + os.path.basename(destination),
                                     suffix=TEMP_SUFFIX)
         os.close(fd)
@@ -200,12 +213,23 @@ class OutputSet:
         self.staged[destination] = temp
         return temp
 
+    def _make_folders(self, folder: str) -> None:
+        """os.makedirs, remembering each folder it creates (outermost first)."""
+        missing = []
+        while not os.path.exists(folder):
+            missing.append(folder)
+            folder = os.path.dirname(folder)
+        for path in reversed(missing):
+            os.mkdir(path)
+            self._created_folders.append(path)
+
     def publish(self) -> None:
-        """Rename every staged file onto its destination, all or none (signals held meanwhile).
+        """Move every staged file onto its destination, all or none (signals held meanwhile).
 
         Raises:
-            OutputError: a destination was not staged, or a rename failed (the old files are
-                back in place, the new ones removed).
+            OutputError: a destination was not staged, one exists without `overwrite`, or a
+                rename failed (the old files are back in place and the new ones removed; a
+                backup that could not be put back is kept and named).
         """
         missing = [d for d in self.destinations if d not in self.staged]
         if missing:
@@ -213,30 +237,63 @@ class OutputSet:
         with signals_held():
             backups: dict[str, str] = {}
             replaced: list[str] = []
+            kept: list[str] = []
             try:
                 for destination in self.destinations:
                     if os.path.lexists(destination):
+                        if not self.overwrite:
+                            raise FileExistsError(errno.EEXIST, "it appeared after the output was checked "
+                                                  "(pass --overwrite to replace it)", destination)
                         backups[destination] = self._backup(destination)
                 for destination in self.destinations:
-                    os.replace(self.staged[destination], destination)
+                    self._move(self.staged[destination], destination)
                     self._leftovers.discard(self.staged[destination])
                     replaced.append(destination)
             except OSError as exc:
-                for destination in replaced:
-                    if destination not in backups:
-                        os.remove(destination)
-                for destination, backup in list(backups.items()):
-                    if destination in replaced or not os.path.lexists(destination):
-                        os.replace(backup, destination)
-                        del backups[destination]
+                kept = self._roll_back(replaced, backups)
+                detail = f"; the old file is kept as {kept}" if kept else "; no output was changed"
                 raise OutputError(f"could not publish {exc.filename or self.destinations[0]!r}: "
-                                  f"{exc.strerror or exc}; no output was changed") from exc
+                                  f"{exc.strerror or exc}{detail}") from exc
             finally:
                 for backup in backups.values():
-                    if os.path.lexists(backup):
+                    if backup not in kept and os.path.lexists(backup):
                         os.remove(backup)
-                        self._leftovers.discard(backup)
+                    self._leftovers.discard(backup)
             self.published = True
+
+    def _move(self, temp: str, destination: str) -> None:
+        """Rename `temp` onto `destination`; without `overwrite`, never onto an existing file."""
+        if self.overwrite:
+            os.replace(temp, destination)
+            return
+        try:
+            os.link(temp, destination)  # fails with EEXIST if a file appeared there meanwhile
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if os.path.lexists(destination):  # a file system without hard links: check, then rename
+                raise FileExistsError(errno.EEXIST, "it appeared after the output was checked", destination) from exc
+            os.replace(temp, destination)
+            return
+        os.remove(temp)
+
+    def _roll_back(self, replaced: list[str], backups: dict[str, str]) -> list[str]:
+        """Undo a partial publish: remove new files that had no predecessor, put every backup back.
+        Returns the backups that could not be put back (kept on disk, so nothing is lost)."""
+        kept = []
+        for destination in replaced:
+            if destination not in backups:
+                try:
+                    os.remove(destination)
+                except OSError:
+                    pass
+        for destination, backup in backups.items():
+            if destination in replaced or not os.path.lexists(destination):
+                try:
+                    os.replace(backup, destination)
+                except OSError:
+                    kept.append(backup)
+        return kept
 
     def _backup(self, destination: str) -> str:
         """A hidden second name for the existing `destination`: a hard link, else the file moved aside."""
