@@ -79,7 +79,8 @@ def test_overrides_between_flags_are_accepted(tmp_path):
     assert status == 0
 
 
-@pytest.mark.parametrize("prompt", ["\u200b\u200b", "\u200d \ufeff", "\t\n", "\u2060\u3000"])
+@pytest.mark.parametrize("prompt", ["\u200b\u200b", "\u200d \ufeff", "\t\n", "\u2060\u3000",
+                                    "\u2028\u00a0\u3000\u200b\ufe0f", "\u3164\u2800\u034f"])
 def test_a_prompt_of_invisible_characters_is_empty(prompt, tmp_path):
     result = cli("--config", TINY, "--input", ASSET, "--prompt", prompt, "--output", str(tmp_path / "o.mp4"))
     assert result.returncode == 2
@@ -205,3 +206,8 @@ def test_a_signal_during_the_renames_is_reported_after_them(tmp_path):
     assert "the outputs were already complete and written" in result.stderr
     assert sorted(os.listdir(tmp_path)) == ["out.mp4", "out_compare.mp4"]
     assert read_video(tmp_path / "out_compare.mp4")[0].shape == (5, 32, 96, 3)
+
+
+def test_visible_text_keeps_real_prompts():
+    assert inference.visible_text("make it snow \u2764\ufe0f") == "makeitsnow\u2764\ufe0f"
+    assert inference.visible_text("e\u0301") == "e\u0301"  # a mark on a letter is text
