@@ -16,6 +16,11 @@ def video(tmp_path):
     return path
 
 
+def no_link(*args, **kwargs):
+    """os.link on a file system without hard links."""
+    raise OSError(1, "Operation not permitted")
+
+
 def refusal(paths, input_path, overwrite=False) -> str:
     with pytest.raises(OutputError) as info:
         check_output_paths([str(p) for p in paths], str(input_path), overwrite)
@@ -162,9 +167,6 @@ def test_old_files_survive_without_hard_links(tmp_path, monkeypatch):
     a.write_bytes(b"old a")
     real_replace = os.replace
 
-    def no_link(*args, **kwargs):
-        raise OSError(1, "Operation not permitted")
-
     def fail_on_b(src, dst):
         if os.fspath(dst) == str(b):
             raise OSError(5, "Input/output error", str(b))
@@ -252,9 +254,6 @@ def test_a_backup_that_cannot_be_put_back_is_kept_and_named(tmp_path, monkeypatc
     a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
     a.write_bytes(b"old a")
     real_replace = os.replace
-
-    def no_link(*args, **kwargs):
-        raise OSError(1, "Operation not permitted")
 
     def failing(src, dst):
         if os.fspath(dst) == str(b) or os.fspath(src).endswith(".old"):

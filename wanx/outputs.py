@@ -41,7 +41,12 @@ class OutputError(ValueError):
 
 
 def _temp_name_length(path: str) -> int:
-    return len(os.fsencode(TEMP_PREFIX + os.path.basename(path) + TEMP_RANDOM * "x" + TEMP_SUFFIX))
+    return len(os.fsencode(_temp_prefix(path) + TEMP_RANDOM * "x" + TEMP_SUFFIX))
+
+
+def _temp_prefix(path: str) -> str:
+    """`.<name>.`: a temporary file is `.<name>.<random>.partial.mp4` beside its destination."""
+    return f"{TEMP_PREFIX}{os.path.basename(path)}."
 
 
 def _kind(mode: int) -> str:
@@ -65,9 +70,9 @@ def _probe_folder(folder: str, name_length: int, label: str) -> None:
     """Create and remove a file named like the temporary output in `folder` (which exists)."""
     if not os.path.isdir(folder):
         raise OutputError(f"cannot write {label}: {folder!r} is not a folder")
-    stem = "x" * max(1, name_length - len(TEMP_PREFIX) - TEMP_RANDOM - len(TEMP_SUFFIX))
+    stem = "x" * max(1, name_length - len(TEMP_PREFIX) - TEMP_RANDOM - len(TEMP_SUFFIX) - 1)
     try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX + stem, suffix=TEMP_SUFFIX)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f"{TEMP_PREFIX}{stem}.", suffix=TEMP_SUFFIX)
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
             raise OutputError(f"the file name of {label} is too long for its folder's file system "
@@ -205,7 +210,7 @@ class OutputSet:
             raise ValueError(f"{destination!r} is not one of this set's destinations {self.destinations}")
         folder = os.path.dirname(os.path.abspath(destination))
         self._make_folders(folder)
-        fd, temp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX + os.path.basename(destination),
+        fd, temp = tempfile.mkstemp(dir=folder, prefix=_temp_prefix(destination),
                                     suffix=TEMP_SUFFIX)
         os.close(fd)
         self._leftovers.add(temp)

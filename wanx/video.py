@@ -32,7 +32,6 @@ import re
 import signal
 import struct
 import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 from fractions import Fraction
@@ -40,6 +39,8 @@ from fractions import Fraction
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .outputs import OutputError, OutputSet
 
 logger = logging.getLogger(__name__)
 
@@ -585,13 +586,6 @@ def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
     return x.round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
-def _current_umask() -> int:
-    """The process umask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _cannot_write(path: str, reason: str) -> VideoError:
     return VideoError(f"cannot write video {path!r}: {reason}", reason)
 
@@ -768,9 +762,9 @@ def write_video(
     """Write frames to an H.264 mp4 atomically, verified before it is published.
 
     The video is encoded and verified (`encode_video`) in a hidden temporary file in the
-    destination folder and moved over `path` with os.replace only then, so readers never
-    see a partial file; on any failure, Ctrl-C included, the temporary file is removed and
-    an existing file at `path` is untouched.
+    destination folder and moved over `path` only then (`wanx.outputs.OutputSet`), so readers
+    never see a partial file; on any failure, Ctrl-C included, the temporary file is removed
+    and an existing file at `path` is untouched.
 
     Args:
         path: destination; its folder must exist and be writable.
@@ -795,23 +789,16 @@ def write_video(
         raise _cannot_write(path, "the output path is a directory")
 
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp.mp4")
-    except OSError as exc:
+        with OutputSet([path]) as staged:  # the temporary file, its removal and the rename: one mechanism
+            try:
+                encode_video(staged.stage(path), frames, fps, quality)
+            except VideoError as exc:
+                raise VideoError(f"could not write video {path!r}: {exc.reason}", exc.reason) from exc
+            staged.publish()
+    except OutputError as exc:
+        raise _cannot_write(path, _first_line(exc)) from exc
+    except OSError as exc:  # the temporary file could not be made
         raise _cannot_write(path, f"its folder is not writable: {folder!r} ({_first_line(exc)})") from exc
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes it private (0600); a video is not
-        try:
-            encode_video(tmp, frames, fps, quality)
-        except VideoError as exc:
-            raise VideoError(f"could not write video {path!r}: {exc.reason}", exc.reason) from exc
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(exc, OSError):
-            raise VideoError(f"could not write video {path!r}: {_first_line(exc)}") from exc
-        raise
     logger.info("wrote %d frames (%dx%d) at %.3g fps to %s", frames.shape[0],
                 frames.shape[2], frames.shape[1], fps, path)
     return path
