@@ -22,7 +22,6 @@ import os
 import signal
 import sys
 import time
-import unicodedata
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "inference.yaml")
@@ -95,26 +94,11 @@ def compare_path(output: str) -> str:
     return os.path.splitext(output)[0] + "_compare.mp4"
 
 
-# Characters that render as nothing but are letters or symbols to Unicode: the Hangul fillers and
-# the blank braille pattern (common padding in "invisible" text).
-BLANK_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
-
-
-def visible_text(text: str) -> str:
-    """`text` without what renders as nothing: whitespace, control and format characters
-    (zero-width spaces, joiners, BOMs), combining marks with no base (variation selectors, the
-    grapheme joiner) and the blank letters above."""
-    kept = [ch for ch in text if not ch.isspace() and ch not in BLANK_CHARACTERS
-            and unicodedata.category(ch) not in ("Cc", "Cf", "Zs", "Zl", "Zp")]
-    if all(unicodedata.category(ch) in ("Mn", "Me") for ch in kept):
-        return ""
-    return "".join(kept)
-
-
 def check_arguments(args) -> list[str]:
     """Validate what needs no loading; returns the output paths this run will write (checked
     later by `check_outputs`, once the config names every file the run reads)."""
     from wanx.attention import attention_names
+    from wanx.tokenizer import visible_text
 
     if not visible_text(args.prompt):
         raise CliError("the prompt is empty (it has no visible characters)")

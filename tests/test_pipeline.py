@@ -200,3 +200,8 @@ def test_side_by_side():
     assert both.shape == (2, 4, 12, 3) and both[:, :, :6].max() == 0 and both[:, :, 6:].min() == 255
     with pytest.raises(ValueError):
         pipeline.side_by_side(left, right[:, :2])
+
+
+def test_a_prompt_of_invisible_characters_is_refused_by_the_pipeline_too(tiny_pipe):
+    with pytest.raises(ConfigError, match="empty"):
+        tiny_pipe.edit(tiny_source(), "\u200b\ufe0f\u3164", progress=False)

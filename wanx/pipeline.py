@@ -240,9 +240,10 @@ class EditingPipeline:
         """
         from scheduler import FlowUniPCSampler
 
+        from .tokenizer import visible_text
         from .video import frames_to_uint8
 
-        if not prompt or not prompt.strip():
+        if not visible_text(prompt):
             raise ConfigError("the prompt is empty")
         cfg = self.cfg
         negative_prompt = cfg.negative_prompt if negative_prompt is None else negative_prompt

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import unicodedata
 
 import torch
 
@@ -28,6 +29,22 @@ def clean_text(text: str) -> str:
     text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return _WHITESPACE.sub(" ", text).strip()
+
+
+# Characters that render as nothing but are letters or symbols to Unicode: the Hangul fillers and
+# the blank braille pattern (common padding in "invisible" text).
+BLANK_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def visible_text(text: str) -> str:
+    """`text` without what renders as nothing: whitespace, control and format characters
+    (zero-width spaces, joiners, BOMs), combining marks with no base (variation selectors, the
+    grapheme joiner) and the blank letters above."""
+    kept = [ch for ch in text if not ch.isspace() and ch not in BLANK_CHARACTERS
+            and unicodedata.category(ch) not in ("Cc", "Cf", "Zs", "Zl", "Zp")]
+    if all(unicodedata.category(ch) in ("Mn", "Me") for ch in kept):
+        return ""
+    return "".join(kept)
 
 
 def load_tokenizer(folder: str | os.PathLike):
