@@ -100,14 +100,15 @@ def method_options(backend: str):
     return ISAConfig()
 
 
-def run_backend(model, backend, inputs, repeats, device, timer):
-    """Warm-up plus `repeats` timed forwards -> (result dict, last output)."""
+def run_backend(model, backend, inputs, repeats, device, timer, warmups=1):
+    """`warmups` untimed forwards plus `repeats` timed ones -> (result dict, last output)."""
     model.set_attention(TimedAttention(make_attention(backend, method_options(backend)), timer))
     with torch.no_grad():
         start = time.perf_counter()
-        model(*inputs)
+        for _ in range(warmups):
+            model(*inputs)
         synchronize(device)
-        warmup = time.perf_counter() - start
+        warmup = time.perf_counter() - start if warmups else None
         timer.take_seconds()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -155,10 +156,15 @@ def main() -> None:
         "--backends", default="dense,triton,tilelang", help="comma-separated: dense, torch, triton, tilelang"
     )
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed forwards per backend first (0: only where the kernels are already warm, "
+                             "e.g. dense after another backend in the same process)")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model instead of the 14B one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error(f"--repeats must be at least 1 and --warmup at least 0; got {args.repeats} and {args.warmup}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -202,7 +208,7 @@ def main() -> None:
     results, reference = [], None
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         try:
-            result, out = run_backend(model, backend, inputs, args.repeats, device, timer)
+            result, out = run_backend(model, backend, inputs, args.repeats, device, timer, args.warmup)
         except ValueError as error:
             print(f"{backend}: skipped: {error}")
             results.append({"backend": backend, "skipped": str(error)})

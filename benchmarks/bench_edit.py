@@ -3,6 +3,12 @@
     python benchmarks/bench_edit.py                      # GPU: 81 frames 960x544, full-size random weights
     python benchmarks/bench_edit.py --steps 4            # shorter timing run, reported per step
     python benchmarks/bench_edit.py --tiny               # CPU: the tiny model, dense and ISA "torch"
+    python benchmarks/bench_edit.py --methods triton --memory-cap-gib 24   # a 24 GiB card, emulated
+
+With --memory-cap-gib G the process may allocate at most G GiB of the GPU
+(`torch.cuda.set_per_process_memory_fraction`, which emulates a smaller card) and the memory
+tier is chosen as `profile: auto` chooses it for G GiB free; the report records the tier, the
+reason, the planner's estimate of each stage and the measured peaks.
 
 Every component is built at its real size with random weights on the device
 (`model.kind: random`, no file read), once; then, for each attention method, the same source
@@ -119,6 +125,14 @@ def markdown(report: dict) -> str:
                      f"{s['vae_decode']:.2f} | {_seconds(s.get('write'))} | {r['full_edit_s']:.1f}{star} | "
                      f"{'-' if peak is None else f'{peak:.1f}'} |")
     lines += ["", f"Loading (building the random networks on the device): {report['load_s']:.1f} s, once."]
+    memory = report.get("memory")
+    if memory and any(r["peak_memory_gib"] for r in report["results"]):  # peaks are recorded on a GPU only
+        cap = "no cap" if memory["cap_gib"] is None else f"capped at {memory['cap_gib']:g} GiB"
+        measured = max(max(r["peak_memory_gib"].values(), default=0.0) for r in report["results"])
+        estimate = memory["estimate_gib"]
+        lines.append(f"Memory ({cap}): {memory['tier']} ({memory['reason']}); estimated peak {estimate['peak']:.1f} "
+                     f"GiB (text {estimate['text']:.1f}, denoising {estimate['denoise']:.1f}), measured peak over "
+                     f"all stages {measured:.1f} GiB.")
     if not report["video_io"]:
         lines.append("No ffmpeg on this machine: the source was drawn in memory (the read + resize column is "
                      "the resize alone) and no mp4 was written (the totals hold no read and no write time).")
@@ -141,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="the tiny CPU model (methods default to dense,torch)")
     parser.add_argument("--json", default=None, help="output JSON (default docs/bench_edit.json, "
                                                      "docs/bench_edit_tiny.json with --tiny)")
+    parser.add_argument("--memory-cap-gib", type=float, default=None,
+                        help="GPU memory this process may use (emulates a smaller card); the tier is chosen "
+                             "for it as memory.profile auto does")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides after the benchmark's own, e.g. memory.offload=blocks")
     args = parser.parse_intermixed_args(argv)
@@ -148,16 +165,23 @@ def main(argv: list[str] | None = None) -> int:
         args.methods = "dense,torch"
     if args.tiny and (args.frames, args.height, args.width) == (81, 544, 960):
         args.frames, args.height, args.width = 9, 64, 96
+    if args.memory_cap_gib is not None and (args.tiny or not torch.cuda.is_available()):
+        parser.error("--memory-cap-gib caps a CUDA GPU's memory: it needs a GPU and the full-size model")
+    if args.memory_cap_gib is not None and args.memory_cap_gib <= 0:
+        parser.error(f"--memory-cap-gib must be positive, got {args.memory_cap_gib}")
     json_path = args.json or os.path.join(ROOT, "docs", "bench_edit_tiny.json" if args.tiny else "bench_edit.json")
 
     from wanx.config import isa_config, load_config
+    from wanx.memory import GIB
     from wanx.pipeline import EditingPipeline, SourceVideo, read_source
+    from wanx.planning import make_plan
     from wanx.video import write_video
 
-    # a fixed memory tier (none, bf16, batch unless memory.* overrides say otherwise): a benchmark
-    # measures the tier it is given, it does not pick one
+    # without a cap, a fixed memory tier (none, bf16, batch unless memory.* overrides say otherwise):
+    # a benchmark measures the tier it is given; with a cap, the tier auto picks for that much memory
+    profile = "manual" if args.memory_cap_gib is None else "auto"
     overrides = [f"sampler.steps={args.steps}", f"video.max_frames={args.frames}",
-                 f"video.size=[{args.height},{args.width}]", "attention.backend=dense", "memory.profile=manual"]
+                 f"video.size=[{args.height},{args.width}]", "attention.backend=dense", f"memory.profile={profile}"]
     if args.tiny:
         cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides + args.overrides)
     else:
@@ -180,7 +204,18 @@ def main(argv: list[str] | None = None) -> int:
             source = SourceVideo.from_frames(cfg, draw_input(args.frames, args.height, args.width))
         print(f"input: {source.video.shape[1]} frames at {source.video.shape[3]}x{source.video.shape[2]}",
               flush=True)
-        pipe = EditingPipeline.load(cfg, progress=False)
+        free_bytes = None
+        if args.memory_cap_gib is not None:
+            device_index = torch.cuda.current_device()
+            cap_bytes = args.memory_cap_gib * GIB
+            torch.cuda.set_per_process_memory_fraction(
+                min(1.0, cap_bytes / torch.cuda.get_device_properties(device_index).total_memory), device_index)
+            free_bytes = int(min(cap_bytes, torch.cuda.mem_get_info(device_index)[0]))
+        plan = make_plan(cfg, source, free_bytes)
+        tier = next(t for t in plan.memory_tiers if t.setting == plan.memory_setting)
+        print(f"memory: {plan.memory_setting.describe()} ({plan.memory_reason}); estimated peak "
+              f"{tier.peak:.1f} GiB", flush=True)
+        pipe = EditingPipeline.load(cfg, progress=False, memory=plan.memory_setting)
         isa = isa_config(cfg)
         device = pipe.device
         monitor = None
@@ -207,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
                    else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"),
         "versions": versions(), "args": vars(args), "steps": args.steps, "batch": 2, "video_io": video_io,
         "load_s": pipe.load_seconds, "isa_config": dataclasses.asdict(isa),
+        "memory": {"cap_gib": args.memory_cap_gib, "setting": dataclasses.asdict(plan.memory_setting),
+                   "tier": plan.memory_setting.describe(),
+                   "reason": plan.memory_reason,
+                   "estimate_gib": {"text": tier.text, "denoise": tier.denoise, "peak": tier.peak}},
         "results": results,
     }
     with open(json_path, "w") as handle:

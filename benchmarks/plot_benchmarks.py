@@ -9,11 +9,15 @@ speed-up over dense FA3 (cuDNN when FA3 was not measured) written at each length
 When docs/bench_edit.json (benchmarks/bench_edit.py) exists, it also writes
 docs/edit_stages.png: one horizontal bar per attention method, a whole 32-step edit split into
 its stages; the denoising part is extrapolated from the measured steps when the JSON says so.
+From docs/bench_edit_memory_*.json (bench_edit.py --memory-cap-gib, one per GPU memory cap) it
+writes docs/memory_tiers.png: the tier profile auto chose per cap, its estimated and measured
+peak, and its seconds per denoising step.
 The figures depend only on the JSON: the PNGs carry no timestamp or software version.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -196,12 +200,67 @@ def plot_edit(report: dict, path: str, out_path: str) -> None:
     plt.close(fig)
 
 
+def memory_rows(reports: list[tuple[str, dict]]) -> list[dict]:
+    """One row per bench_edit.py report run with --memory-cap-gib (or without, the reference): the
+    cap, the tier, the planner's estimate and the measured peak (over all stages) in GiB, and the
+    median seconds per denoising step; sorted from the largest cap (no cap first) down."""
+    rows = []
+    for path, report in reports:
+        memory = field(report, path, "memory")
+        result = field(report, path, "results", 0)
+        peaks = field(report, path, "results", 0, "peak_memory_gib")
+        if not peaks:
+            raise ValueError(f"{path}: no peak memory recorded (a CPU run?)")
+        rows.append({"cap": memory.get("cap_gib"), "tier": field(report, path, "memory", "tier"),
+                     "estimate": field(report, path, "memory", "estimate_gib", "peak"),
+                     "peak": max(peaks.values()), "step": result["step_median_s"]})
+    return sorted(rows, key=lambda r: -(r["cap"] if r["cap"] is not None else float("inf")))
+
+
+def plot_memory(reports: list[tuple[str, dict]], out_path: str) -> None:
+    """docs/memory_tiers.png: per GPU memory cap, the tier auto chose, its estimated and measured peak
+    (left) and its seconds per denoising step (right)."""
+    rows = memory_rows(reports)
+    device = field(reports[0][1], reports[0][0], "device")
+    labels = [("no cap" if r["cap"] is None else f"{r['cap']:g} GiB cap") + "\n" +
+              r["tier"].replace("offload ", "").replace("weights ", "").replace("guidance ", "") for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(FIGSIZE[0] * 1.25, FIGSIZE[1]), dpi=DPI)
+    x = list(range(len(rows)))
+    left.bar([i - 0.2 for i in x], [r["estimate"] for r in rows], width=0.4, color="#c7c7c7",
+             label="planner's estimate")
+    left.bar([i + 0.2 for i in x], [r["peak"] for r in rows], width=0.4, color="#1f77b4", label="measured peak")
+    for i, r in enumerate(rows):
+        if r["cap"] is not None:
+            left.hlines(r["cap"], i - 0.45, i + 0.45, colors="#d62728", linestyles="--",
+                        label="cap" if i == next(j for j, q in enumerate(rows) if q["cap"] is not None) else None)
+        left.text(i + 0.2, r["peak"], f"{r['peak']:.1f}", ha="center", va="bottom", fontsize=8)
+    left.set_xticks(x, labels, fontsize=7)
+    left.set_ylabel("GiB (all stages)")
+    left.legend(fontsize=8)
+    right.bar(x, [r["step"] for r in rows], width=0.5, color="#2ca02c")
+    for i, r in enumerate(rows):
+        right.text(i, r["step"], f"{r['step']:.2f} s", ha="center", va="bottom", fontsize=8)
+    right.set_xticks(x, labels, fontsize=7)
+    right.set_ylabel("seconds per denoising step")
+    for ax in (left, right):
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    date = str(field(reports[0][1], reports[0][0], "date"))[:10]
+    fig.suptitle(f"Memory tiers chosen by profile auto, whole edit (81 frames 960x544, ISA): {device}, {date}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=DPI, metadata=PNG_METADATA)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write the figures; a one-line SystemExit naming the file when a JSON file is unreadable or
     lacks a field the figure needs."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attention-json", default=os.path.join(ROOT, "docs", "benchmarks_attention.json"))
     parser.add_argument("--edit-json", default=os.path.join(ROOT, "docs", "bench_edit.json"))
+    parser.add_argument("--memory-json", nargs="*", default=sorted(glob.glob(os.path.join(
+        ROOT, "docs", "bench_edit_memory_*.json"))), help="bench_edit.py reports, one per memory cap")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "docs"))
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -215,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {edit_png}")
         else:
             print(f"{args.edit_json} not found: skipping the edit stages figure (run benchmarks/bench_edit.py)")
+        if args.memory_json:
+            memory_png = os.path.join(args.out_dir, "memory_tiers.png")
+            plot_memory([(path, load_json(path)) for path in args.memory_json], memory_png)
+            print(f"wrote {memory_png}")
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     return 0

@@ -22,3 +22,14 @@ def test_tiny_whole_edit_benchmark_writes_every_stage(tmp_path):
         assert r["full_edit_s"] > r["measured_total_s"]  # 29 more steps extrapolated
         assert r["video_shape"] == [9, 64, 96, 3]
     assert (tmp_path / "bench.md").read_text().count("|") > 20
+    assert report["memory"]["tier"] == "offload none, weights bf16, guidance batch"
+    assert report["memory"]["cap_gib"] is None
+
+
+def test_memory_cap_needs_the_gpu_model(tmp_path):
+    script = os.path.join(ROOT, "benchmarks", "bench_edit.py")
+    result = subprocess.run([sys.executable, script, "--tiny", "--memory-cap-gib", "24", "--json",
+                             str(tmp_path / "bench.json")], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2
+    assert "--memory-cap-gib" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "bench.json").exists()

@@ -97,3 +97,30 @@ def test_missing_field_is_one_line_naming_the_file(tmp_path):
                               "--out-dir", str(tmp_path)])
     message = str(error.value.code)
     assert str(broken_edit) in message and "results[0].stages_s.vae_decode" in message and "\n" not in message
+
+
+def memory_report(cap, tier: str, estimate: float, peaks: dict, step: float) -> dict:
+    """A bench_edit.py --memory-cap-gib report with made-up figures, one method."""
+    report = edit_report(steps=3)
+    report["results"] = report["results"][1:2]
+    report["results"][0].update(peak_memory_gib=peaks, step_median_s=step)
+    report["memory"] = {"cap_gib": cap, "tier": tier, "estimate_gib": {"peak": estimate}}
+    return report
+
+
+def test_memory_figure_orders_caps_and_takes_the_peak_over_all_stages(tmp_path):
+    reports = [("a.json", memory_report(24.0, "offload blocks, weights bf16, guidance sequential", 12.9,
+                                        {"text": 13.1, "denoise": 12.5}, 12.6)),
+               ("b.json", memory_report(None, "offload none, weights bf16, guidance batch", 48.5,
+                                        {"text": 40.2, "denoise": 48.5}, 13.2))]
+    rows = plot_benchmarks.memory_rows(reports)
+    assert [r["cap"] for r in rows] == [None, 24.0]
+    assert rows[1]["peak"] == 13.1 and rows[1]["step"] == 12.6
+    plot_benchmarks.plot_memory(reports, str(tmp_path / "memory.png"))
+    assert_png(tmp_path / "memory.png")
+
+
+def test_memory_figure_names_a_report_without_peaks():
+    report = memory_report(24.0, "offload blocks, weights bf16, guidance sequential", 12.9, {}, 12.6)
+    with pytest.raises(ValueError, match="cpu.json: no peak memory"):
+        plot_benchmarks.memory_rows([("cpu.json", report)])

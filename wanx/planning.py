@@ -35,6 +35,16 @@ from .config import ConfigError, MemorySetting, attention_options
 from .memory import GIB, OFFLOAD_MODES, WEIGHT_MODES, estimate_peak_gib
 
 FIT_MARGIN = 0.10  # share of the free GPU memory a tier leaves unplanned (estimate error, allocator fragmentation)
+# umT5's work space while it encodes the prompt and the negative prompt (2 x 512 tokens), as a share of
+# its weights: measured on the H200 (docs/benchmarks.md, memory tiers): the text stage peaked 2.47 GiB
+# above the weights resident then (umT5-XXL, 10.58 GiB of bf16 weights) with offload none and blocks alike
+TEXT_ENCODER_WORK_SPACE = 0.235
+# The VAE's work space while it decodes (encoding took less: 8.9 against 11.5 GiB), in bytes per pixel of
+# one video frame at the working size: 11.5 GiB at 960x544 with the float32 Wan 2.1 VAE, measured on the
+# H200 in the same runs with offload none and blocks alike. Diffusers' Wan VAE works through the clip a few
+# frames at a time, so the work space is taken to grow with the frame's size and not with the clip's length
+# (measured at one size only). Scaled by the VAE dtype's bytes / 4; not estimated with video.vae_tiling.
+VAE_WORK_BYTES_PER_PIXEL = 23_750
 TRAINING_FRAMES = 81  # the clip length Wan 2.2 and LIVEditor were trained on: 81 video frames = 21 latent frames
 LONG_VIDEO_ADVICE = f"beyond the {TRAINING_FRAMES}-frame training length; consider attention.backend=lvsa"
 
@@ -230,37 +240,53 @@ class MemoryTier:
     text: float  # while umT5 encodes the prompts
     denoise: float  # at the peak of a DiT forward
     dit: dict[str, float]  # `wanx.memory.estimate_peak_gib` for this setting
+    vae: float = 0.0  # while the VAE encodes or decodes
 
     @property
     def peak(self) -> float:
-        return max(self.text, self.denoise)
+        return max(self.text, self.denoise, self.vae)
+
+
+def vae_work_space_gib(cfg, frame_pixels: int) -> float:
+    """The VAE's estimated work space in GiB for frames of `frame_pixels` (H x W); 0 with video.vae_tiling."""
+    if cfg.video.vae_tiling:
+        return 0.0
+    return frame_pixels * VAE_WORK_BYTES_PER_PIXEL * DTYPES[cfg.model.vae_dtype].itemsize / 4 / GIB
 
 
 def memory_tiers(cfg, dit_config: dict, seq: int, cfg_batch: bool, weights: dict[str, float],
-                 device_type: str) -> list[MemoryTier]:
+                 device_type: str, frame_pixels: int = 0) -> list[MemoryTier]:
     """Every memory tier a `device_type` device can run, in the planner's order (fastest first), with its estimate.
 
-    The order is reasoned, not measured tier against tier: bf16 before fp8, since fp8 storage
-    changes the output (about 2%, `wanx.memory`) and is not expected to be faster (each layer
-    dequantises its matrix in every forward); then offload none, model, blocks (data moved per
-    edit: none, each network once, every block once per DiT forward); then guidance batch before
-    sequential (one DiT pass per step instead of two over the same weights).
+    The order: bf16 before fp8, since fp8 storage changes the output (4.3% relative L2 for the
+    14 B on the H200) and is no faster (each layer dequantises its matrix in every forward); then
+    offload none, model, blocks (data moved per edit: none, each network once, every block once
+    per DiT forward; measured on the H200, streaming the blocks cost nothing per step); then
+    guidance batch before sequential (one DiT pass per step instead of two over the same
+    weights; reasoned: at 81 frames 960x544 the H200 measured sequential 5% faster, at one size
+    only). Measurements: docs/benchmarks.md, memory tiers.
 
     Stages, per tier (the DiT's figures from `estimate_peak_gib`):
-        text: umT5's weights, plus with offload none the DiT and the VAE (on the GPU from loading on);
+        text: umT5's weights and work space (`TEXT_ENCODER_WORK_SPACE`), plus with offload none the DiT and
+            the VAE (on the GPU from loading on);
         denoise: the DiT's resident weights, its largest dequantised matrix and its activations (batch
         2 for guidance "batch" with CFG, else 1), plus with offload none the VAE, and umT5 unless
         `offload_text_encoder`. Offload model and blocks keep umT5 and the VAE on the host outside
-        their own stages. The VAE's work space while it encodes or decodes is not estimated.
+        their own stages;
+        vae: the VAE's weights and its work space (`VAE_WORK_BYTES_PER_PIXEL` x frame_pixels; zero
+        with video.vae_tiling, not estimated), plus what stays resident as for denoise less the
+        DiT's activations.
     The CPU has no block streaming (a CUDA stream prefetches the blocks); several processes run
     only the first tier (`wanx.config`).
 
     Args:
         dit_config: the DiT's config; seq: tokens per sample (target + source); cfg_batch: CFG on;
-        weights: GiB of {"text_encoder", "vae"} as loaded; device_type: "cuda" or "cpu".
+        weights: GiB of {"text_encoder", "vae"} as loaded; device_type: "cuda" or "cpu";
+        frame_pixels: H x W of one video frame at the working size.
     """
     parallel = cfg.parallel.ulysses_degree * cfg.parallel.cfg_degree > 1
     dtype_bytes = DTYPES[cfg.model.dtype].itemsize
+    vae_work = vae_work_space_gib(cfg, frame_pixels)
     tiers = []
     for weight_mode in WEIGHT_MODES:
         for offload in OFFLOAD_MODES:
@@ -272,11 +298,13 @@ def memory_tiers(cfg, dit_config: dict, seq: int, cfg_batch: bool, weights: dict
                     continue
                 batch = 2 if cfg_batch and guidance == "batch" else 1
                 dit = estimate_peak_gib(dit_config, seq, batch, offload, weight_mode, dtype_bytes)
-                text, denoise = weights["text_encoder"], dit["peak"]
+                text, denoise = weights["text_encoder"] * (1 + TEXT_ENCODER_WORK_SPACE), dit["peak"]
+                vae = weights["vae"] + vae_work
                 if offload == "none":
                     text += dit["weights_total"] + weights["vae"]
                     denoise += weights["vae"] + (0.0 if cfg.offload_text_encoder else weights["text_encoder"])
-                tiers.append(MemoryTier(setting, text, denoise, dit))
+                    vae += dit["weights_total"] + (0.0 if cfg.offload_text_encoder else weights["text_encoder"])
+                tiers.append(MemoryTier(setting, text, denoise, dit, vae))
     return tiers
 
 
@@ -409,7 +437,7 @@ def make_plan(cfg, source: "SourceVideo", free_bytes: Optional[int] = None,
     device_type = _planned_device_type(cfg)
     weights = {"text_encoder": counts["text_encoder"] * DTYPES[cfg.model.dtype].itemsize / GIB,
                "vae": counts["vae"] * DTYPES[cfg.model.vae_dtype].itemsize / GIB}
-    tiers = memory_tiers(cfg, dit_cfg, seq, batch == 2, weights, device_type)
+    tiers = memory_tiers(cfg, dit_cfg, seq, batch == 2, weights, device_type, frame_pixels=height * width)
     if setting is None:
         tier, reason = choose_memory_tier(cfg, tiers, device_type, free_bytes)
     else:
@@ -426,6 +454,8 @@ def make_plan(cfg, source: "SourceVideo", free_bytes: Optional[int] = None,
         "dit_activations": tier.dit["activations"],
         "text_stage": tier.text,
         "denoise_stage": tier.denoise,
+        "vae_stage": tier.vae,
+        "vae_work_space": vae_work_space_gib(cfg, height * width),
         "peak_estimate": tier.peak,
     }
     layout = parallel_layout(cfg, seq, heads, batch, memory)

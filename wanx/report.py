@@ -68,24 +68,28 @@ def _guidance(plan: EditPlan) -> str:
 def _memory_lines(plan: EditPlan, all_tiers: bool) -> list[str]:
     """The chosen memory tier, its estimate and the reason; with `all_tiers`, a table of every tier."""
     m = {name: _size(gib) for name, gib in plan.memory.items()}
+    vae_work = (f"VAE work space {m['vae_work_space']}" if plan.memory["vae_work_space"]
+                else "VAE work space not estimated (video.vae_tiling)")
     lines = [f"memory      {plan.memory_setting.describe()}: about {m['peak_estimate']} on the device at the peak "
-             f"(text encoding {m['text_stage']}, denoising {m['denoise_stage']}); {plan.memory_reason}",
+             f"(text encoding {m['text_stage']}, denoising {m['denoise_stage']}, VAE {m['vae_stage']}); "
+             f"{plan.memory_reason}",
              f"weights     DiT {m['dit_weights']} as stored ({m['dit_resident']} on the GPU while it runs), umT5 "
              f"{m['text_encoder_weights']}, VAE {m['vae_weights']}; DiT activations {m['dit_activations']}; "
-             "VAE work space not included"]
+             f"{vae_work}"]
     if not all_tiers:
         return lines
     free = ("no GPU limit known" if plan.free_gib is None
             else f"{_size(plan.free_gib * (1 - FIT_MARGIN))} of {_size(plan.free_gib)} free usable")
-    lines.append(f"tiers       GiB at the peak (text encoding / denoising), fastest first; {free}")
-    lines.append(f"            {'offload':8} {'weights':8} {'guidance':11} {'peak':>6} {'text':>6} {'denoise':>8}")
+    lines.append(f"tiers       GiB at the peak (text encoding / denoising / VAE), fastest first; {free}")
+    lines.append(f"            {'offload':8} {'weights':8} {'guidance':11} {'peak':>6} {'text':>6} {'denoise':>8} "
+                 f"{'VAE':>6}")
     for tier in plan.memory_tiers:
         s = tier.setting
         fits = "" if plan.free_gib is None else (
             "fits" if tier.peak <= plan.free_gib * (1 - FIT_MARGIN) else "too large")
         chosen = "<- chosen" if s == plan.memory_setting else ""
         lines.append(f"            {s.offload:8} {s.weights:8} {s.guidance:11} {tier.peak:6.1f} {tier.text:6.1f} "
-                     f"{tier.denoise:8.1f}  {' '.join(filter(None, (fits, chosen)))}".rstrip())
+                     f"{tier.denoise:8.1f} {tier.vae:6.1f}  {' '.join(filter(None, (fits, chosen)))}".rstrip())
     return lines
 
 
