@@ -76,7 +76,7 @@ def test_fsdp2_sharded_dit_forward_is_bit_identical(nccl_context):
 
 
 def test_pipeline_edit_with_an_nccl_context_matches_one_process(nccl_context):
-    overrides = ["device=cuda", "sampler.steps=2", "video.max_frames=5", "video.size=[32,48]"]
+    overrides = ["device=cuda", "memory.profile=manual", "sampler.steps=2", "video.max_frames=5", "video.size=[32,48]"]
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), overrides)
     frames = np.random.default_rng(0).integers(0, 256, size=(5, 32, 48, 3), dtype=np.uint8)
     source = SourceVideo.from_frames(cfg, frames)

@@ -156,7 +156,7 @@ class ParallelContext:
         (cond first), bit-identical on every rank."""
         if self.cfg_degree == 1:
             return prediction
-        return wait(funcol.all_gather_single(prediction.contiguous(), 0, self.mesh.get_group("cfg")))
+        return wait(funcol.all_gather_tensor(prediction.contiguous(), 0, self.mesh.get_group("cfg")))
 
     @contextmanager
     def stage(self, name: str):

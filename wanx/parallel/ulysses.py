@@ -62,7 +62,7 @@ class UlyssesAttention(SelfAttentionMethod):
             raise ValueError(f"Ulysses x{self.degree} cannot split {heads} heads")
         q, k, v = (self._to_full_sequence(x, seq_len) for x in (q, k, v))
         if gate is not None:
-            gate = wait(funcol.all_gather_single(gate.contiguous(), 1, self.group))[:, :seq_len]
+            gate = wait(funcol.all_gather_tensor(gate.contiguous(), 1, self.group))[:, :seq_len]
         return self._to_local_tokens(self.inner(q, k, v, layout, gate=gate), local)
 
 
@@ -117,7 +117,7 @@ class UlyssesHooks:
         return bound.args, bound.kwargs
 
     def _gather_output(self, block, args, output):
-        return wait(funcol.all_gather_single(output.contiguous(), 1, self.group))[:, :self.seq_len]
+        return wait(funcol.all_gather_tensor(output.contiguous(), 1, self.group))[:, :self.seq_len]
 
     def remove(self) -> None:
         """Take the hooks off and unwrap the blocks' attention methods."""
