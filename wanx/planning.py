@@ -262,9 +262,10 @@ def memory_tiers(cfg, dit_config: dict, seq: int, cfg_batch: bool, weights: dict
     14 B on the H200) and is no faster (each layer dequantises its matrix in every forward); then
     offload none, model, blocks (data moved per edit: none, each network once, every block once
     per DiT forward; measured on the H200, streaming the blocks cost nothing per step); then
-    guidance batch before sequential (one DiT pass per step instead of two over the same
-    weights; reasoned: at 81 frames 960x544 the H200 measured sequential 5% faster, at one size
-    only). Measurements: docs/benchmarks.md, memory tiers.
+    guidance batch before sequential (reasoned: one DiT pass per step instead of two over the same
+    weights; the H200 measured sequential 5% faster at 81 frames 960x544 with ISA, one size and
+    method only, so the order stands until more are measured). Measurements: docs/benchmarks.md,
+    memory tiers.
 
     Stages, per tier (the DiT's figures from `estimate_peak_gib`):
         text: umT5's weights and work space (`TEXT_ENCODER_WORK_SPACE`), plus with offload none the DiT and
