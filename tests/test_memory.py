@@ -12,6 +12,7 @@ import torch
 from diffusers.hooks import apply_group_offloading
 from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
 
+from dit_testing import inputs
 from model import TINY_CONFIG, WanDiT
 from wanx import memory
 from wanx.memory import (
@@ -34,15 +35,6 @@ from wanx.memory import (
 # matmul does.
 FP8_MATRIX_RMS = 0.027
 FP8_FORWARD_BOUND = FP8_MATRIX_RMS
-
-
-def inputs(batch=2, frames=2, size=16, seed=0, text_dim=32):
-    g = torch.Generator().manual_seed(seed)
-    latent = torch.randn(batch, 16, frames, size, size, generator=g)
-    source = torch.randn(1, 16, frames, size, size, generator=g)
-    timestep = torch.tensor([999.0, 623.0, 17.0][:batch])
-    context = [torch.randn(n, text_dim, generator=g) for n in (5, 11, 7)[:batch]]
-    return latent, source, timestep, context
 
 
 def tiny(dtype=torch.float32, **overrides):

@@ -7,6 +7,7 @@ import torch
 
 import model as model_module
 import wanx.attention
+from dit_testing import inputs
 from in_context_sparse_attention import ISAConfig, dense_attention
 from model import WanDiT, apply_rope, rope_axis_dims, rope_frequencies, sinusoidal_embedding
 
@@ -117,15 +118,6 @@ def test_tiny_config():
     assert rope_axis_dims(64 // 2) == (12, 10, 10)
     assert not torch.equal(WanDiT.tiny(seed=0).head.head.weight, WanDiT.tiny(seed=1).head.head.weight)
     assert torch.equal(WanDiT.tiny(seed=3).head.head.weight, WanDiT.tiny(seed=3).head.head.weight)
-
-
-def inputs(batch=2, frames=2, size=16, seed=0, text_dim=32):
-    g = torch.Generator().manual_seed(seed)
-    latent = torch.randn(batch, 16, frames, size, size, generator=g)
-    source = torch.randn(1, 16, frames, size, size, generator=g)
-    timestep = torch.tensor([999.0, 623.0, 17.0][:batch])
-    context = [torch.randn(n, text_dim, generator=g) for n in (5, 11, 7)[:batch]]
-    return latent, source, timestep, context
 
 
 @torch.no_grad()
