@@ -239,8 +239,8 @@ class MemoryTier:
     setting: MemorySetting
     text: float  # while umT5 encodes the prompts
     denoise: float  # at the peak of a DiT forward
+    vae: float  # while the VAE encodes or decodes
     dit: dict[str, float]  # `wanx.memory.estimate_peak_gib` for this setting
-    vae: float = 0.0  # while the VAE encodes or decodes
 
     @property
     def peak(self) -> float:
@@ -255,7 +255,7 @@ def vae_work_space_gib(cfg, frame_pixels: int) -> float:
 
 
 def memory_tiers(cfg, dit_config: dict, seq: int, cfg_batch: bool, weights: dict[str, float],
-                 device_type: str, frame_pixels: int = 0) -> list[MemoryTier]:
+                 device_type: str, frame_pixels: int) -> list[MemoryTier]:
     """Every memory tier a `device_type` device can run, in the planner's order (fastest first), with its estimate.
 
     The order: bf16 before fp8, since fp8 storage changes the output (4.3% relative L2 for the
@@ -305,7 +305,7 @@ def memory_tiers(cfg, dit_config: dict, seq: int, cfg_batch: bool, weights: dict
                     text += dit["weights_total"] + weights["vae"]
                     denoise += weights["vae"] + (0.0 if cfg.offload_text_encoder else weights["text_encoder"])
                     vae += dit["weights_total"] + (0.0 if cfg.offload_text_encoder else weights["text_encoder"])
-                tiers.append(MemoryTier(setting, text, denoise, dit, vae))
+                tiers.append(MemoryTier(setting, text, denoise, vae, dit))
     return tiers
 
 
