@@ -17,11 +17,8 @@ whose output disagrees with the "torch" reference backend gets no speed-up repor
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import importlib.metadata
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -41,6 +38,7 @@ from in_context_sparse_attention.layout import BlockLayout
 from in_context_sparse_attention.residual import GatedShortcut, add_residual
 
 from gpu_monitor import GpuMonitor, describe
+from gpu_monitor import environment as machine_environment
 
 DENSE_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION}
 FLASH_ATTENTION_3 = "flash_attn_3"  # the dense baseline's name when FlashAttention-3 is installed
@@ -49,24 +47,9 @@ REFERENCE_AGREEMENT = 1e-2  # max relative L2 between a kernel backend and the "
 
 
 def environment() -> dict:
-    """Machine, GPU and library versions."""
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python"] + sys.argv),
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "triton": triton.__version__,
-        "device": torch.cuda.get_device_name(),
-        "isa_dense_kernel": dense_kernel_name(torch.empty(1, 1, 1, 128, dtype=torch.bfloat16, device="cuda")),
-    }
-    for package in ("flash_attn", "fa3_fwd", "flash_attn_3"):
-        try:
-            info[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
+    """Machine, GPU and library versions, with ISA's dense kernel and TileLang's version."""
+    info = machine_environment(torch.device("cuda"))
+    info["isa_dense_kernel"] = dense_kernel_name(torch.empty(1, 1, 1, 128, dtype=torch.bfloat16, device="cuda"))
     try:
         import tilelang
 

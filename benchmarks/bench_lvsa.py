@@ -36,12 +36,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import importlib.metadata
 import importlib.util
 import json
-import platform
 import statistics
 import sys
 import time
@@ -53,6 +51,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the package
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder, for gpu_monitor
 
 from in_context_sparse_attention.dense import dense_kernel_name  # noqa: E402
 from long_video_sparse_attention import (  # noqa: E402
@@ -67,6 +66,8 @@ from long_video_sparse_attention import (  # noqa: E402
     lvsa_frame_mask,
     token_frame_index,
 )
+
+from gpu_monitor import environment  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 GOAL = 0.85  # LVSA should reach this fraction of FlashAttention-3's speed per attended FLOP
@@ -89,26 +90,6 @@ def flash_attention_3():
         except ImportError:
             continue
     return None
-
-
-def environment(device: torch.device) -> dict:
-    """Machine, device and library versions."""
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python"] + sys.argv),
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
-    }
-    if device.type == "cuda":
-        info.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-    for package in ("triton", "flash_attn_3", "fa3_fwd", "flash_attn"):
-        try:
-            info[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return info
 
 
 def median_ms(fn, device: torch.device, warmup: int, rep: int) -> float:

@@ -1,4 +1,4 @@
-"""The GPU's clocks, power and temperature while a benchmark times something.
+"""The GPU's clocks, power and temperature while a benchmark times something, and the machine it ran on.
 
 A median on an H100 moves by several percent with the SM clock, which the GPU lowers
 on its own under a power or thermal limit. `GpuMonitor` samples `nvidia-smi` in the
@@ -8,14 +8,22 @@ background so that every timing can be recorded with the state it ran in.
         start = monitor.now()
         ms = triton.testing.do_bench(fn)
         state = monitor.state_since(start)  # {"sm_clock_mhz": ..., "power_w": ..., ...}
+
+`environment(device)` gives the machine, device and library versions a benchmark records.
 """
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
+import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import threading
 import time
+
+import torch
 
 _FIELDS = "clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active"
 # Bits of clocks_event_reasons.active (nvidia-smi -q lists them) worth naming in a report.
@@ -115,3 +123,23 @@ def describe(state: dict | None) -> str:
         f"{state['power_w']:.0f} W, {state['temperature_c']:.0f} C"
     )
     return text + (f", {reasons}" if reasons else "")
+
+
+def environment(device: torch.device) -> dict:
+    """Date, command line, machine, device and the versions of torch, triton and FlashAttention (those installed)."""
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python"] + sys.argv),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+    }
+    if device.type == "cuda":
+        info.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    for package in ("triton", "flash_attn_3", "fa3_fwd", "flash_attn"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return info
