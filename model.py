@@ -123,6 +123,13 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return fused_ops.rope(x, freqs)
 
 
+def has_own_hook(module: nn.Module) -> bool:
+    """Whether diffusers attached a hook to this very module (leaf-level offloading, layerwise
+    casting): its parameters are only valid inside its own forward, so fused paths that read
+    them directly must call the module instead."""
+    return hasattr(module, "_diffusers_hook")
+
+
 class Fp32Linear(nn.Linear):
     """A linear layer computed in fp32 whatever its weights' dtype (Wan's fp32 autocast regions).
 
@@ -200,6 +207,28 @@ class WanLayerNorm(nn.Module):
             [B, S, dim] in `dtype` (one fused pass over x on CUDA).
         """
         return fused_ops.layer_norm_modulate(x, self.eps, self.weight, self.bias, shift, scale, dtype)
+
+    def after_residual(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        gate: Optional[torch.Tensor],
+        shift: Optional[torch.Tensor] = None,
+        scale: Optional[torch.Tensor] = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual update x + float(y) [* gate], then this norm of it, in one pass on CUDA.
+
+        Args:
+            x: [B, S, dim] fp32 residual stream; y: [B, S, dim] a layer's output; gate:
+                [B, 1, dim] fp32 or None; shift, scale, dtype: as `forward`'s.
+        Returns:
+            (the new residual stream [B, S, dim] fp32, `forward` of it [B, S, dim] in `dtype`).
+        """
+        if has_own_hook(self):
+            total = fused_ops.gated_residual(x, y, gate)
+            return total, self(total, shift, scale, dtype)
+        return fused_ops.residual_layer_norm(x, y, gate, self.eps, self.weight, self.bias, shift, scale, dtype)
 
 
 class WanSelfAttention(nn.Module):
@@ -319,12 +348,16 @@ class WanAttentionBlock(nn.Module):
         modulation = self.modulation.float().unsqueeze(0) + time_mod
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = modulation.unbind(2)
         # LayerNorm, modulation (shift + norm * (1 + scale)) in fp32 and the cast to the matmul
-        # dtype are one pass; each residual update x + float(y) * gate is another (fp32)
+        # dtype are one pass; each residual update x + float(y) * gate is another (fp32), joined
+        # to the LayerNorm that reads its result where one follows (`residual_layer_norm`)
         y = self.self_attn(self.norm1(x, shift_sa, scale_sa, dtype), freqs, layout)
-        x = fused_ops.gated_residual(x, y, gate_sa)
-        x = fused_ops.gated_residual(
-            x, self.cross_attn(self.norm3(x, dtype=dtype) if self.cross_attn_norm else x.to(dtype), context))
-        y = self.ffn(self.norm2(x, shift_ff, scale_ff, dtype))
+        if self.cross_attn_norm:
+            x, normed = self.norm3.after_residual(x, y, gate_sa, dtype=dtype)
+        else:
+            x = fused_ops.gated_residual(x, y, gate_sa)
+            normed = x.to(dtype)
+        x, normed = self.norm2.after_residual(x, self.cross_attn(normed, context), None, shift_ff, scale_ff, dtype)
+        y = self.ffn[2](fused_ops.linear_gelu(normed, self.ffn[0]))  # Linear, GELU, Linear
         return fused_ops.gated_residual(x, y, gate_ff)
 
 

@@ -46,7 +46,7 @@ CATEGORIES = (
     ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|aten::mm|aten::addmm|aten::bmm|aten::matmul|aten::linear",
                           re.IGNORECASE)),
     ("fused element-wise", re.compile(r"_rms_norm_kernel|_layer_norm_modulate_kernel|_rope_kernel"
-                                      r"|_gated_residual_kernel")),
+                                      r"|_gated_residual_kernel|_residual_layer_norm_kernel")),
 )
 
 

@@ -14,6 +14,10 @@ Numerics:
   multiply-add: kernels launch with `enable_fp_fusion=False`), then rounded to fp32 and to
   x's dtype, as PyTorch's float64 -> bf16 cast does.
 - `gated_residual` is bit-identical too: like torch.addcmul it rounds once (tl.fma).
+- `residual_layer_norm` is `gated_residual` then `layer_norm_modulate` in one pass: it equals
+  the two kernels run one after the other, and saves reading the new residual stream back.
+- `linear_gelu` (a cuBLASLt GEMM with a GELU epilogue, no Triton) rounds once where Wan's
+  Linear-then-GELU rounds twice: it matches that path to bf16 rounding.
 - `rms_norm` and `layer_norm_modulate` reduce in fp32 in another order than PyTorch, so
   they match it to fp32 rounding (a bf16 output can differ by one bf16 unit in the last
   place where the fp32 value lies at a rounding midpoint).
@@ -26,6 +30,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -51,6 +56,30 @@ def _check_device(x: torch.Tensor) -> None:
     if x.device.type == "cpu" and not _INTERPRETED:
         raise ValueError("the fused kernels need CUDA tensors, "
                          "or TRITON_INTERPRET=1 set before wanx.fused_ops is imported")
+
+
+def _check_layer_norm_args(x: torch.Tensor, weight, bias, shift, scale) -> None:
+    """x [B, S, C] on a kernel device; weight, bias [C] and shift, scale [B, 1, C], each pair both or neither."""
+    _check_device(x)
+    batch, _, n_cols = x.shape
+    if (weight is None) != (bias is None) or (shift is None) != (scale is None):
+        raise ValueError("weight and bias, and shift and scale, come in pairs")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None and param.shape != (n_cols,):
+            raise ValueError(f"{name} must be [{n_cols}], got {tuple(param.shape)}")
+    for name, param in (("shift", shift), ("scale", scale)):
+        if param is not None and param.shape != (batch, 1, n_cols):
+            raise ValueError(f"{name} must be [{batch}, 1, {n_cols}], got {tuple(param.shape)}")
+
+
+def _check_gated_residual_args(x: torch.Tensor, y: torch.Tensor, gate) -> None:
+    """x [B, S, C] fp32 on a kernel device, y of its shape, gate [B, 1, C] fp32 or None."""
+    _check_device(x)
+    batch, _, n_cols = x.shape
+    if x.dtype != torch.float32 or y.shape != x.shape:
+        raise ValueError(f"x must be fp32 and y of its shape, got x {tuple(x.shape)} {x.dtype}, y {tuple(y.shape)}")
+    if gate is not None and (gate.shape != (batch, 1, n_cols) or gate.dtype != torch.float32):
+        raise ValueError(f"gate must be [{batch}, 1, {n_cols}] fp32, got {tuple(gate.shape)} {gate.dtype}")
 
 
 def _row_warps(block: int) -> int:
@@ -118,18 +147,12 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, eps, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _layer_norm_modulate_kernel(
-    x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, out_ptr, seq, n_cols, eps,
-    HAS_AFFINE: tl.constexpr, HAS_MODULATION: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """One row per program: fp32 LayerNorm [* w + b] [then shift + . * (1 + scale)], cast.
+def _layer_norm_row(b_x, m_c, o_c, row, seq, n_cols, eps, w_ptr, b_ptr, shift_ptr, scale_ptr,
+                    HAS_AFFINE: tl.constexpr, HAS_MODULATION: tl.constexpr):
+    """fp32 LayerNorm of one row [BLOCK_C] (masked by m_c) [* w + b] [then shift + . * (1 + scale)].
 
-    shift, scale: [batch, n_cols] fp32, row r belongs to batch r // seq.
+    shift, scale: [batch, n_cols] fp32, row `row` belongs to batch row // seq.
     """
-    row = tl.program_id(0).to(tl.int64)
-    o_c = tl.arange(0, BLOCK_C)
-    m_c = o_c < n_cols
-    b_x = tl.load(x_ptr + row * n_cols + o_c, mask=m_c, other=0.0).to(tl.float32)  # [BC]
     b_mean = tl.sum(b_x, axis=0) / n_cols
     b_centred = tl.where(m_c, b_x - b_mean, 0.0)
     b_var = tl.sum(b_centred * b_centred, axis=0) / n_cols
@@ -143,7 +166,45 @@ def _layer_norm_modulate_kernel(
         b_shift = tl.load(shift_ptr + o_mod, mask=m_c, other=0.0)
         b_scale = tl.load(scale_ptr + o_mod, mask=m_c, other=0.0)
         b_y = tl.fma(b_y, 1.0 + b_scale, b_shift)  # as torch.addcmul rounds: once
+    return b_y
+
+
+@triton.jit
+def _layer_norm_modulate_kernel(
+    x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, out_ptr, seq, n_cols, eps,
+    HAS_AFFINE: tl.constexpr, HAS_MODULATION: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One row per program: `_layer_norm_row` of x's row, cast to out's dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < n_cols
+    b_x = tl.load(x_ptr + row * n_cols + o_c, mask=m_c, other=0.0).to(tl.float32)  # [BC]
+    b_y = _layer_norm_row(b_x, m_c, o_c, row, seq, n_cols, eps, w_ptr, b_ptr, shift_ptr, scale_ptr,
+                          HAS_AFFINE, HAS_MODULATION)
     tl.store(out_ptr + row * n_cols + o_c, _cast(b_y, out_ptr.dtype.element_ty), mask=m_c)
+
+
+@triton.jit
+def _residual_layer_norm_kernel(
+    x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, sum_ptr, out_ptr, seq, n_cols, eps,
+    HAS_GATE: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_MODULATION: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One row per program: sum = x + float(y) [* gate] (fp32, stored), then `_layer_norm_row`
+    of that sum cast to out's dtype: the residual update and the next LayerNorm in one pass."""
+    row = tl.program_id(0).to(tl.int64)
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < n_cols
+    b_x = tl.load(x_ptr + row * n_cols + o_c, mask=m_c, other=0.0)  # [BC] fp32
+    b_y = tl.load(y_ptr + row * n_cols + o_c, mask=m_c, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        b_gate = tl.load(gate_ptr + (row // seq) * n_cols + o_c, mask=m_c, other=0.0)
+        b_sum = tl.fma(b_y, b_gate, b_x)  # as torch.addcmul rounds: once
+    else:
+        b_sum = b_x + b_y
+    tl.store(sum_ptr + row * n_cols + o_c, b_sum, mask=m_c)
+    b_out = _layer_norm_row(b_sum, m_c, o_c, row, seq, n_cols, eps, w_ptr, b_ptr, shift_ptr, scale_ptr,
+                            HAS_AFFINE, HAS_MODULATION)
+    tl.store(out_ptr + row * n_cols + o_c, _cast(b_out, out_ptr.dtype.element_ty), mask=m_c)
 
 
 @triton.jit
@@ -161,6 +222,28 @@ def _gated_residual_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, seq, n_cols,
     else:
         b_out = b_x + b_y
     tl.store(out_ptr + row * n_cols + o_c, b_out, mask=m_c)
+
+
+# The row kernels on a GPU: warps per row tuned once per (row width, variant, dtypes) on the
+# first call, since a row of 5,120 wants fewer warps than the 16 `_row_warps` gives it (more
+# rows in flight per SM hide the load -> reduce -> store latency). The interpreter runs the
+# untuned kernels with `_row_warps`.
+_ROW_TUNING_CONFIGS = [triton.Config({}, num_warps=warps) for warps in (4, 8, 16)]
+_rms_norm_kernel_tuned = triton.autotune(configs=_ROW_TUNING_CONFIGS, key=["n_cols"])(_rms_norm_kernel)
+_layer_norm_modulate_kernel_tuned = triton.autotune(
+    configs=_ROW_TUNING_CONFIGS, key=["n_cols", "HAS_AFFINE", "HAS_MODULATION"])(_layer_norm_modulate_kernel)
+_residual_layer_norm_kernel_tuned = triton.autotune(
+    configs=_ROW_TUNING_CONFIGS, key=["n_cols", "HAS_GATE", "HAS_AFFINE", "HAS_MODULATION"]
+)(_residual_layer_norm_kernel)
+
+
+def _launch_row_kernel(kernel, tuned, rows: int, *args, BLOCK_C: int, **constexprs) -> None:
+    """Launch a one-row-per-program kernel over `rows` rows: the tuned variant on a GPU, the plain
+    one with `_row_warps` warps under the interpreter; fp fusion off (products round as PyTorch's)."""
+    if _INTERPRETED:
+        kernel[(rows,)](*args, BLOCK_C=BLOCK_C, **constexprs, num_warps=_row_warps(BLOCK_C), enable_fp_fusion=False)
+    else:
+        tuned[(rows,)](*args, BLOCK_C=BLOCK_C, **constexprs, enable_fp_fusion=False)
 
 
 def rope_torch(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -220,10 +303,8 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
         raise ValueError(f"weight must be [{n_cols}], got {tuple(weight.shape)}")
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    block = triton.next_power_of_2(n_cols)
-    _rms_norm_kernel[(x.numel() // n_cols,)](
-        x, weight.contiguous(), out, n_cols, eps, BLOCK_C=block, num_warps=_row_warps(block), enable_fp_fusion=False
-    )
+    _launch_row_kernel(_rms_norm_kernel, _rms_norm_kernel_tuned, x.numel() // n_cols,
+                       x, weight.contiguous(), out, n_cols, eps, BLOCK_C=triton.next_power_of_2(n_cols))
     return out
 
 
@@ -269,25 +350,16 @@ def layer_norm_modulate_triton(
     dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """`layer_norm_modulate_torch` in one pass over x (fp32); same args, x [B, S, C]."""
-    _check_device(x)
+    _check_layer_norm_args(x, weight, bias, shift, scale)
     batch, seq, n_cols = x.shape
-    if (weight is None) != (bias is None) or (shift is None) != (scale is None):
-        raise ValueError("weight and bias, and shift and scale, come in pairs")
-    for name, param in (("weight", weight), ("bias", bias)):
-        if param is not None and param.shape != (n_cols,):
-            raise ValueError(f"{name} must be [{n_cols}], got {tuple(param.shape)}")
-    for name, param in (("shift", shift), ("scale", scale)):
-        if param is not None and param.shape != (batch, 1, n_cols):
-            raise ValueError(f"{name} must be [{batch}, 1, {n_cols}], got {tuple(param.shape)}")
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=dtype or torch.float32, device=x.device)
     shift = None if shift is None else shift.float().contiguous()
     scale = None if scale is None else scale.float().contiguous()
-    block = triton.next_power_of_2(n_cols)
-    _layer_norm_modulate_kernel[(batch * seq,)](
+    _launch_row_kernel(
+        _layer_norm_modulate_kernel, _layer_norm_modulate_kernel_tuned, batch * seq,
         x, weight, bias, shift, scale, out, seq, n_cols, eps,
-        HAS_AFFINE=weight is not None, HAS_MODULATION=shift is not None, BLOCK_C=block,
-        num_warps=_row_warps(block), enable_fp_fusion=False,
+        HAS_AFFINE=weight is not None, HAS_MODULATION=shift is not None, BLOCK_C=triton.next_power_of_2(n_cols),
     )
     return out
 
@@ -310,6 +382,76 @@ def layer_norm_modulate(
     return layer_norm_modulate_torch(x, eps, weight, bias, shift, scale, dtype)
 
 
+def residual_layer_norm_torch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: Optional[torch.Tensor],
+    eps: float,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gated_residual_torch(x, y, gate)`, then `layer_norm_modulate_torch` of the sum (the reference).
+
+    Args: as the two ops': x [B, S, C] fp32, y [B, S, C], gate [B, 1, C] fp32 or None, the rest
+        the LayerNorm's.
+    Returns:
+        (the new residual stream [B, S, C] fp32, its LayerNorm [B, S, C] in `dtype`).
+    """
+    total = gated_residual_torch(x, y, gate)
+    return total, layer_norm_modulate_torch(total, eps, weight, bias, shift, scale, dtype)
+
+
+def residual_layer_norm_triton(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: Optional[torch.Tensor],
+    eps: float,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`residual_layer_norm_torch` in one pass: the sum is bit-identical to `gated_residual`'s, the
+    LayerNorm computed as `layer_norm_modulate_triton` computes it; same args."""
+    _check_gated_residual_args(x, y, gate)
+    _check_layer_norm_args(x, weight, bias, shift, scale)
+    batch, seq, n_cols = x.shape
+    x, y = x.contiguous(), y.contiguous()
+    total = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=dtype or torch.float32, device=x.device)
+    shift = None if shift is None else shift.float().contiguous()
+    scale = None if scale is None else scale.float().contiguous()
+    _launch_row_kernel(
+        _residual_layer_norm_kernel, _residual_layer_norm_kernel_tuned, batch * seq,
+        x, y, None if gate is None else gate.contiguous(), weight, bias, shift, scale, total, out, seq, n_cols, eps,
+        HAS_GATE=gate is not None, HAS_AFFINE=weight is not None, HAS_MODULATION=shift is not None,
+        BLOCK_C=triton.next_power_of_2(n_cols),
+    )
+    return total, out
+
+
+def residual_layer_norm(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: Optional[torch.Tensor],
+    eps: float,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual update x + float(y) [* gate] and the next LayerNorm [affine] [modulation] of
+    it, in one pass over memory on CUDA: -> (new residual [B, S, C] fp32, normed [B, S, C] `dtype`)."""
+    if _use_kernel(x, y, gate, weight, bias, shift, scale):
+        return residual_layer_norm_triton(x, y, gate, eps, weight, bias, shift, scale, dtype)
+    return residual_layer_norm_torch(x, y, gate, eps, weight, bias, shift, scale, dtype)
+
+
 def gated_residual_torch(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x + float(y) * gate (or x + float(y) without a gate), fp32 (the reference).
 
@@ -324,12 +466,8 @@ def gated_residual_torch(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.
 def gated_residual_triton(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`gated_residual_torch` in one pass; same args. Out of place: the same memory traffic
     as in place, and the caller's x stays untouched."""
-    _check_device(x)
+    _check_gated_residual_args(x, y, gate)
     batch, seq, n_cols = x.shape
-    if x.dtype != torch.float32 or y.shape != x.shape:
-        raise ValueError(f"x must be fp32 and y of its shape, got x {tuple(x.shape)} {x.dtype}, y {tuple(y.shape)}")
-    if gate is not None and (gate.shape != (batch, 1, n_cols) or gate.dtype != torch.float32):
-        raise ValueError(f"gate must be [{batch}, 1, {n_cols}] fp32, got {tuple(gate.shape)} {gate.dtype}")
     x, y = x.contiguous(), y.contiguous()
     out = torch.empty_like(x)
     block = triton.next_power_of_2(n_cols)
@@ -343,3 +481,22 @@ def gated_residual_triton(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The fp32 residual update x + float(y) [* gate]: x, y [B, S, C], gate [B, 1, C] -> [B, S, C]."""
     return gated_residual_triton(x, y, gate) if _use_kernel(x, y, gate) else gated_residual_torch(x, y, gate)
+
+
+def linear_gelu(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    """GELU (tanh approximation) of `linear(x)`: x [..., in] -> [..., out] in x's dtype.
+
+    On CUDA, for a plain `nn.Linear` with a bias whose weights share x's dtype and device (no
+    hook recasts or moves them), one cuBLASLt GEMM applies the bias and the GELU in its epilogue
+    (`torch._addmm_activation`), so the FFN's wide hidden activations are written once instead of
+    written, read and written again. The epilogue applies GELU to the fp32 accumulator before the
+    one rounding to x's dtype, where the unfused path rounds before and after the GELU. Anything
+    else (fp8 or hooked layers, CPU, autograd) takes `F.gelu(linear(x))`.
+    """
+    weight, bias = linear.weight, linear.bias
+    fusable = (type(linear) is torch.nn.Linear and not hasattr(linear, "_diffusers_hook") and bias is not None
+               and weight.is_cuda and weight.dtype == x.dtype == bias.dtype)
+    if fusable and _use_kernel(x, weight, bias):
+        hidden = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+        return hidden.view(*x.shape[:-1], hidden.shape[-1])
+    return F.gelu(linear(x), approximate="tanh")
