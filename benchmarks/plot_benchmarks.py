@@ -12,6 +12,9 @@ its stages; the denoising part is extrapolated from the measured steps when the 
 From docs/bench_edit_memory_*.json (bench_edit.py --memory-cap-gib, one per GPU memory cap) it
 writes docs/memory_tiers.png: the tier profile auto chose per cap, its estimated and measured
 peak, and its seconds per denoising step.
+From docs/profile_dit_*.json (benchmarks/profile_dit.py; in reverse name order, so _before above _after) it
+writes docs/dit_profile.png: one DiT forward's GPU kernel time split into attention, matrix
+products, the fused element-wise kernels and the rest, one bar per profile.
 The figures depend only on the JSON: the PNGs carry no timestamp or software version.
 """
 from __future__ import annotations
@@ -253,6 +256,39 @@ def plot_memory(reports: list[tuple[str, dict]], out_path: str) -> None:
     plt.close(fig)
 
 
+PROFILE_CATEGORIES = (("attention", "#d62728"), ("matmul", "#1f77b4"), ("fused element-wise", "#ff7f0e"),
+                      ("other", "#8c8c8c"))
+
+
+def plot_profile(reports: list[tuple[str, dict]], out_path: str) -> None:
+    """docs/dit_profile.png: per profile_dit.py report, one horizontal bar of a DiT forward's
+    kernel seconds by category, with the time outside attention written at its end."""
+    labels, lefts = [], [0.0] * len(reports)
+    fig, ax = plt.subplots(figsize=(FIGSIZE[0], 1.6 + 0.8 * len(reports)), dpi=DPI)
+    for path, report in reports:
+        labels.append(str(report.get("label", os.path.basename(path))))
+    y = list(range(len(reports)))[::-1]
+    for name, color in PROFILE_CATEGORIES:
+        widths = [field(report, path, "category_seconds", name) for path, report in reports]
+        ax.barh(y, widths, left=lefts, color=color, label=name, height=0.55)
+        lefts = [left + width for left, width in zip(lefts, widths)]
+    for row, total, (path, report) in zip(y, lefts, reports):
+        outside = field(report, path, "outside_attention_seconds")
+        ax.text(total + 0.05, row, f"{total:.2f} s (outside attention {outside:.2f} s)", va="center", fontsize=8)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlim(0, max(lefts) * 1.45)
+    ax.set_xlabel("GPU kernel seconds per DiT forward")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=len(PROFILE_CATEGORIES))
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    path, first = reports[0]
+    fig.suptitle(f"One DiT forward (81 frames 544x960, ISA {field(first, path, 'backend')}), by kernel category: "
+                 f"{field(first, path, 'device')}, {str(field(first, path, 'date'))[:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=DPI, metadata=PNG_METADATA)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write the figures; a one-line SystemExit naming the file when a JSON file is unreadable or
     lacks a field the figure needs."""
@@ -261,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edit-json", default=os.path.join(ROOT, "docs", "bench_edit.json"))
     parser.add_argument("--memory-json", nargs="*", default=sorted(glob.glob(os.path.join(
         ROOT, "docs", "bench_edit_memory_*.json"))), help="bench_edit.py reports, one per memory cap")
+    parser.add_argument("--profile-json", nargs="*", default=sorted(glob.glob(os.path.join(
+        ROOT, "docs", "profile_dit_*.json")), reverse=True), help="profile_dit.py reports, one bar each")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "docs"))
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -278,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
             memory_png = os.path.join(args.out_dir, "memory_tiers.png")
             plot_memory([(path, load_json(path)) for path in args.memory_json], memory_png)
             print(f"wrote {memory_png}")
+        if args.profile_json:
+            profile_png = os.path.join(args.out_dir, "dit_profile.png")
+            plot_profile([(path, load_json(path)) for path in args.profile_json], profile_png)
+            print(f"wrote {profile_png}")
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     return 0

@@ -124,3 +124,30 @@ def test_memory_figure_names_a_report_without_peaks():
     report = memory_report(24.0, "offload blocks, weights bf16, guidance sequential", 12.9, {}, 12.6)
     with pytest.raises(ValueError, match="cpu.json: no peak memory"):
         plot_benchmarks.memory_rows([("cpu.json", report)])
+
+
+def profile_report(label: str, attention: float, matmul: float) -> dict:
+    """A profile_dit.py report with made-up seconds per kernel category."""
+    seconds = {"attention": attention, "matmul": matmul, "fused element-wise": 0.4, "other": 0.1}
+    return {"label": label, "date": "2026-12-02T03:00:00+00:00", "device": "NVIDIA H200", "backend": "triton",
+            "category_seconds": seconds, "kernel_seconds": sum(seconds.values()),
+            "outside_attention_seconds": sum(seconds.values()) - attention}
+
+
+def test_profile_figure_one_bar_per_report(tmp_path):
+    paths = []
+    for name, report in (("profile_dit_before.json", profile_report("before", 3.0, 2.8)),
+                         ("profile_dit_after.json", profile_report("after", 3.0, 2.5))):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(report))
+    assert plot_benchmarks.main(["--attention-json", ATTENTION_JSON, "--edit-json", str(tmp_path / "none.json"),
+                                 "--memory-json", "--profile-json", *map(str, paths),
+                                 "--out-dir", str(tmp_path)]) == 0
+    assert_png(tmp_path / "dit_profile.png")
+    broken = profile_report("broken", 3.0, 2.5)
+    del broken["category_seconds"]["matmul"]
+    paths[1].write_text(json.dumps(broken))
+    with pytest.raises(SystemExit) as error:
+        plot_benchmarks.main(["--attention-json", ATTENTION_JSON, "--edit-json", str(tmp_path / "none.json"),
+                              "--memory-json", "--profile-json", *map(str, paths), "--out-dir", str(tmp_path)])
+    assert "profile_dit_after.json" in str(error.value) and "matmul" in str(error.value)
