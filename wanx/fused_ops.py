@@ -147,6 +147,20 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, eps, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _residual_row(x_ptr, y_ptr, gate_ptr, row, seq, n_cols, o_c, m_c, HAS_GATE: tl.constexpr):
+    """x[row] + float(y[row]) [* gate[row // seq]] in fp32 ([BLOCK_C], masked by m_c); the gated
+    sum rounds once, as torch.addcmul does (tl.fma)."""
+    b_x = tl.load(x_ptr + row * n_cols + o_c, mask=m_c, other=0.0)  # [BC] fp32
+    b_y = tl.load(y_ptr + row * n_cols + o_c, mask=m_c, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        b_gate = tl.load(gate_ptr + (row // seq) * n_cols + o_c, mask=m_c, other=0.0)
+        b_sum = tl.fma(b_y, b_gate, b_x)
+    else:
+        b_sum = b_x + b_y
+    return b_sum
+
+
+@triton.jit
 def _layer_norm_row(b_x, m_c, o_c, row, seq, n_cols, eps, w_ptr, b_ptr, shift_ptr, scale_ptr,
                     HAS_AFFINE: tl.constexpr, HAS_MODULATION: tl.constexpr):
     """fp32 LayerNorm of one row [BLOCK_C] (masked by m_c) [* w + b] [then shift + . * (1 + scale)].
@@ -194,13 +208,7 @@ def _residual_layer_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     o_c = tl.arange(0, BLOCK_C)
     m_c = o_c < n_cols
-    b_x = tl.load(x_ptr + row * n_cols + o_c, mask=m_c, other=0.0)  # [BC] fp32
-    b_y = tl.load(y_ptr + row * n_cols + o_c, mask=m_c, other=0.0).to(tl.float32)
-    if HAS_GATE:
-        b_gate = tl.load(gate_ptr + (row // seq) * n_cols + o_c, mask=m_c, other=0.0)
-        b_sum = tl.fma(b_y, b_gate, b_x)  # as torch.addcmul rounds: once
-    else:
-        b_sum = b_x + b_y
+    b_sum = _residual_row(x_ptr, y_ptr, gate_ptr, row, seq, n_cols, o_c, m_c, HAS_GATE)
     tl.store(sum_ptr + row * n_cols + o_c, b_sum, mask=m_c)
     b_out = _layer_norm_row(b_sum, m_c, o_c, row, seq, n_cols, eps, w_ptr, b_ptr, shift_ptr, scale_ptr,
                             HAS_AFFINE, HAS_MODULATION)
@@ -214,20 +222,14 @@ def _gated_residual_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, seq, n_cols,
     row = tl.program_id(0).to(tl.int64)
     o_c = tl.arange(0, BLOCK_C)
     m_c = o_c < n_cols
-    b_x = tl.load(x_ptr + row * n_cols + o_c, mask=m_c, other=0.0)  # [BC] fp32
-    b_y = tl.load(y_ptr + row * n_cols + o_c, mask=m_c, other=0.0).to(tl.float32)
-    if HAS_GATE:
-        b_gate = tl.load(gate_ptr + (row // seq) * n_cols + o_c, mask=m_c, other=0.0)
-        b_out = tl.fma(b_y, b_gate, b_x)  # as torch.addcmul rounds: once
-    else:
-        b_out = b_x + b_y
-    tl.store(out_ptr + row * n_cols + o_c, b_out, mask=m_c)
+    tl.store(out_ptr + row * n_cols + o_c, _residual_row(x_ptr, y_ptr, gate_ptr, row, seq, n_cols, o_c, m_c, HAS_GATE),
+             mask=m_c)
 
 
 # The row kernels on a GPU: warps per row tuned once per (row width, variant, dtypes) on the
 # first call, since a row of 5,120 wants fewer warps than the 16 `_row_warps` gives it (more
-# rows in flight per SM hide the load -> reduce -> store latency). The interpreter runs the
-# untuned kernels with `_row_warps`.
+# rows in flight per SM hide the load -> reduce -> store latency; docs/benchmarks.md, "Measurements
+# behind the code"). The interpreter runs the untuned kernels with `_row_warps`.
 _ROW_TUNING_CONFIGS = [triton.Config({}, num_warps=warps) for warps in (4, 8, 16)]
 _rms_norm_kernel_tuned = triton.autotune(configs=_ROW_TUNING_CONFIGS, key=["n_cols"])(_rms_norm_kernel)
 _layer_norm_modulate_kernel_tuned = triton.autotune(

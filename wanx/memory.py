@@ -67,7 +67,9 @@ GIB = 2.0**30
 # shares, the source's fp32 patch embedding and the complex128 RoPE table, 2.2). The formula used
 # before, 42.8 bytes per sample from the tensors alive inside a block, gave 44.1 and 62.1 GiB for
 # the two runs (61.6 without the VAE), 6.3 and 13.6 GiB above the measurements; this one gives 37.8
-# and 48.5 GiB.
+# and 48.5 GiB. Since the FFN's GELU runs in its GEMM's epilogue, one batch-1 forward peaks at
+# 36.7 GiB (H200, docs/benchmarks.md, element-wise fusions), 1.1 GiB under this fit; the batch-2
+# edit was not measured again, so the fit stays, on the safe side.
 ACTIVATION_BYTES_PER_SAMPLE = 25.0
 ACTIVATION_BYTES_SHARED = 2.3
 
