@@ -6,7 +6,8 @@ never built on the host). For each backend: seconds per forward (median of --rep
 one warm-up forward that also pays Triton autotuning / TileLang compilation), peak GPU
 memory, the time spent inside the self-attention op (CUDA events around each call;
 projections, RoPE and cross-attention excluded), hence attention's share of the forward,
-and the time in the float64 RoPE rotations.
+the time in the float64 RoPE rotations, and the GPU's SM clock, power and temperature over
+the timed forwards (nvidia-smi, `gpu_monitor.py`).
 ISA outputs are compared with the dense output; no speed-up is reported for a backend whose
 output is not finite.
 
@@ -29,12 +30,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds model.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder, for gpu_monitor
 
 import model as model_module
 from in_context_sparse_attention import ISAConfig, dense_kernel_name
 from model import TINY_CONFIG
 from wanx.attention import LVSAOptions, SelfAttentionMethod, make_attention
 from wanx.random_weights import random_dit
+
+from gpu_monitor import GpuMonitor, describe
 
 
 class OpTimer:
@@ -100,8 +104,9 @@ def method_options(backend: str):
     return ISAConfig()
 
 
-def run_backend(model, backend, inputs, repeats, device, timer, warmups=1):
-    """`warmups` untimed forwards plus `repeats` timed ones -> (result dict, last output)."""
+def run_backend(model, backend, inputs, repeats, device, timer, warmups=1, monitor=None):
+    """`warmups` untimed forwards plus `repeats` timed ones -> (result dict, last output); with a
+    `GpuMonitor`, the GPU's clock, power and temperature over the timed forwards too."""
     model.set_attention(TimedAttention(make_attention(backend, method_options(backend)), timer))
     with torch.no_grad():
         start = time.perf_counter()
@@ -113,6 +118,7 @@ def run_backend(model, backend, inputs, repeats, device, timer, warmups=1):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         totals, attention, rope = [], [], []
+        timed_from = GpuMonitor.now()
         for _ in range(repeats):
             synchronize(device)
             start = time.perf_counter()
@@ -130,6 +136,7 @@ def run_backend(model, backend, inputs, repeats, device, timer, warmups=1):
         "rope_seconds": statistics.median(rope),
         "warmup_seconds": warmup,
         "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "gpu_state": monitor.state_since(timed_from) if monitor is not None else None,
     }
     result["attention_share"] = result["attention_seconds"] / result["seconds_per_forward"]
     return result, out.float()
@@ -205,10 +212,11 @@ def main() -> None:
     timer = OpTimer(device.type == "cuda")
     model_module.apply_rope = timer.wrap(model_module.apply_rope, "rope")
 
+    monitor = GpuMonitor(torch.cuda.current_device()) if device.type == "cuda" else None
     results, reference = [], None
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         try:
-            result, out = run_backend(model, backend, inputs, args.repeats, device, timer, args.warmup)
+            result, out = run_backend(model, backend, inputs, args.repeats, device, timer, args.warmup, monitor)
         except ValueError as error:
             print(f"{backend}: skipped: {error}")
             results.append({"backend": backend, "skipped": str(error)})
@@ -229,15 +237,17 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    if monitor is not None:
+        monitor.close()
     dense = next((r for r in results if r["backend"] == "dense" and "skipped" not in r), None)
     lines = [
         "| self-attention | s / forward | attention s | attention share | RoPE s | peak GPU GiB "
-        "| speed-up vs dense | rel. L2 error vs dense |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| speed-up vs dense | rel. L2 error vs dense | GPU while timed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['backend']} | skipped: {r['skipped'].splitlines()[0][:80]} | | | | | | |")
+            lines.append(f"| {r['backend']} | skipped: {r['skipped'].splitlines()[0][:80]} | | | | | | | |")
             continue
         speedup = (
             "refused (output not finite)"
@@ -248,7 +258,8 @@ def main() -> None:
         error = f"{r['rel_l2_error_vs_dense']:.3f}" if "rel_l2_error_vs_dense" in r else "-"
         lines.append(
             f"| {r['backend']} | {r['seconds_per_forward']:.2f} | {r['attention_seconds']:.2f} | "
-            f"{100 * r['attention_share']:.0f}% | {r['rope_seconds']:.2f} | {peak} | {speedup} | {error} |"
+            f"{100 * r['attention_share']:.0f}% | {r['rope_seconds']:.2f} | {peak} | {speedup} | {error} | "
+            f"{describe(r['gpu_state']) if device.type == 'cuda' else 'CPU'} |"
         )
     table = "\n".join(lines)
     print(table)

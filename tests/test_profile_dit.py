@@ -21,6 +21,8 @@ import profile_dit  # noqa: E402
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
     ("_rms_norm_kernel", "fused element-wise"),
     ("_gated_residual_kernel", "fused element-wise"),
+    ("_residual_layer_norm_kernel", "fused element-wise"),
+    ("nvjet_sm90_tst_192x208_64x4_2x1_v_bz_coopB_gelubias_TNT", "matmul"),
     ("void at::native::elementwise_kernel<128, 4>", "other"),
     ("Memcpy DtoD (Device -> Device)", "other"),
 ])
