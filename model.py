@@ -123,13 +123,6 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return fused_ops.rope(x, freqs)
 
 
-def has_own_hook(module: nn.Module) -> bool:
-    """Whether diffusers attached a hook to this very module (leaf-level offloading, layerwise
-    casting): its parameters are only valid inside its own forward, so fused paths that read
-    them directly must call the module instead."""
-    return hasattr(module, "_diffusers_hook")
-
-
 class Fp32Linear(nn.Linear):
     """A linear layer computed in fp32 whatever its weights' dtype (Wan's fp32 autocast regions).
 
@@ -225,7 +218,7 @@ class WanLayerNorm(nn.Module):
         Returns:
             (the new residual stream [B, S, dim] fp32, `forward` of it [B, S, dim] in `dtype`).
         """
-        if has_own_hook(self):
+        if fused_ops.has_own_hook(self):
             total = fused_ops.gated_residual(x, y, gate)
             return total, self(total, shift, scale, dtype)
         return fused_ops.residual_layer_norm(x, y, gate, self.eps, self.weight, self.bias, shift, scale, dtype)

@@ -21,6 +21,26 @@ def no_link(*args, **kwargs):
     raise OSError(1, "Operation not permitted")
 
 
+def fail_replace(monkeypatch, fails, error: OSError) -> None:
+    """Make `outputs`' os.replace raise `error` for the (src, dst) pairs `fails` accepts."""
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if fails(os.fspath(src), os.fspath(dst)):
+            raise error
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", replace)
+
+
+def publish_new(*paths) -> None:
+    """Stage b"new" for every path, then publish them as one OutputSet."""
+    with OutputSet([str(path) for path in paths]) as staged:
+        for path in paths:
+            open(staged.stage(str(path)), "wb").write(b"new")
+        staged.publish()
+
+
 def refusal(paths, input_path, overwrite=False) -> str:
     with pytest.raises(OutputError) as info:
         check_output_paths([str(p) for p in paths], str(input_path), overwrite)
@@ -144,19 +164,10 @@ def test_a_failed_rename_restores_every_old_file(tmp_path, monkeypatch):
     a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
     a.write_bytes(b"old a")
     b.write_bytes(b"old b")
-    real_replace = os.replace
-
-    def fail_on_b(src, dst):
-        if os.fspath(dst) == str(b) and ".partial" in os.fspath(src):
-            raise OSError(28, "No space left on device", str(b))
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(outputs.os, "replace", fail_on_b)
+    fail_replace(monkeypatch, lambda src, dst: dst == str(b) and ".partial" in src,
+                 OSError(28, "No space left on device", str(b)))
     with pytest.raises(OutputError, match="no output was changed"):
-        with OutputSet([str(a), str(b)]) as staged:
-            for path in (a, b):
-                open(staged.stage(str(path)), "wb").write(b"new")
-            staged.publish()
+        publish_new(a, b)
     assert a.read_bytes() == b"old a" and b.read_bytes() == b"old b"
     assert sorted(os.listdir(tmp_path)) == ["a.mp4", "b.mp4"]
 
@@ -165,20 +176,10 @@ def test_old_files_survive_without_hard_links(tmp_path, monkeypatch):
     """On a file system without hard links the old file is moved aside, and moved back on failure."""
     a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
     a.write_bytes(b"old a")
-    real_replace = os.replace
-
-    def fail_on_b(src, dst):
-        if os.fspath(dst) == str(b):
-            raise OSError(5, "Input/output error", str(b))
-        return real_replace(src, dst)
-
     monkeypatch.setattr(outputs.os, "link", no_link)
-    monkeypatch.setattr(outputs.os, "replace", fail_on_b)
+    fail_replace(monkeypatch, lambda src, dst: dst == str(b), OSError(5, "Input/output error", str(b)))
     with pytest.raises(OutputError):
-        with OutputSet([str(a), str(b)]) as staged:
-            for path in (a, b):
-                open(staged.stage(str(path)), "wb").write(b"new")
-            staged.publish()
+        publish_new(a, b)
     assert a.read_bytes() == b"old a"
     assert sorted(os.listdir(tmp_path)) == ["a.mp4"]
 
@@ -253,19 +254,10 @@ def test_folders_made_for_a_failed_set_are_removed(tmp_path):
 def test_a_backup_that_cannot_be_put_back_is_kept_and_named(tmp_path, monkeypatch):
     a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
     a.write_bytes(b"old a")
-    real_replace = os.replace
-
-    def failing(src, dst):
-        if os.fspath(dst) == str(b) or os.fspath(src).endswith(".old"):
-            raise OSError(5, "Input/output error", os.fspath(dst))
-        return real_replace(src, dst)
-
     monkeypatch.setattr(outputs.os, "link", no_link)  # the old a.mp4 is moved aside, not linked
-    monkeypatch.setattr(outputs.os, "replace", failing)
+    fail_replace(monkeypatch, lambda src, dst: dst == str(b) or src.endswith(".old"),
+                 OSError(5, "Input/output error", str(b)))
     with pytest.raises(OutputError, match="the old file is kept as"):
-        with OutputSet([str(a), str(b)]) as staged:
-            for path in (a, b):
-                open(staged.stage(str(path)), "wb").write(b"new")
-            staged.publish()
+        publish_new(a, b)
     kept = [name for name in os.listdir(tmp_path) if name.endswith(".old")]
     assert len(kept) == 1 and (tmp_path / kept[0]).read_bytes() == b"old a"

@@ -82,6 +82,13 @@ def _check_gated_residual_args(x: torch.Tensor, y: torch.Tensor, gate) -> None:
         raise ValueError(f"gate must be [{batch}, 1, {n_cols}] fp32, got {tuple(gate.shape)} {gate.dtype}")
 
 
+def has_own_hook(module: torch.nn.Module) -> bool:
+    """Whether diffusers attached a hook to this very module (leaf-level offloading, layerwise
+    casting): its parameters are only valid inside its own forward, so a fused path that reads
+    them directly must call the module instead."""
+    return hasattr(module, "_diffusers_hook")
+
+
 def _row_warps(block: int) -> int:
     """Warps for a kernel that holds one row of `block` elements: about 16 per thread."""
     return max(1, min(16, block // 512))
@@ -496,7 +503,7 @@ def linear_gelu(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
     else (fp8 or hooked layers, CPU, autograd) takes `F.gelu(linear(x))`.
     """
     weight, bias = linear.weight, linear.bias
-    fusable = (type(linear) is torch.nn.Linear and not hasattr(linear, "_diffusers_hook") and bias is not None
+    fusable = (type(linear) is torch.nn.Linear and not has_own_hook(linear) and bias is not None
                and weight.is_cuda and weight.dtype == x.dtype == bias.dtype)
     if fusable and _use_kernel(x, weight, bias):
         hidden = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)

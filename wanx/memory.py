@@ -46,6 +46,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wanx import fused_ops
+
 OFFLOAD_MODES = ("none", "model", "blocks")
 WEIGHT_MODES = ("bf16", "fp8")
 FP8_DTYPE = torch.float8_e4m3fn
@@ -83,7 +85,7 @@ def _fp8_layer_names(dit: nn.Module) -> list[str]:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return any(hasattr(m, "_diffusers_hook") for m in module.modules())
+    return any(fused_ops.has_own_hook(m) for m in module.modules())
 
 
 def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
