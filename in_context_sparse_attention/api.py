@@ -1,14 +1,12 @@
 """The public entry point: `editing_sparse_attention`."""
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
 import torch
 
 from .backends import get_backend
-from .concurrency import run_halves
 from .config import ISAConfig
 from .full_attention import full_block_attention
 from .layout import BlockLayout
@@ -98,9 +96,6 @@ def editing_sparse_attention(
         config: hyper-parameters (`ISAConfig`).
         backend: "torch" (pure PyTorch, any device), "triton" or "tilelang" (CUDA kernels;
             "triton" also runs on CPU tensors under TRITON_INTERPRET=1).
-    On CUDA the sparse half runs on a second stream while the full half runs on the
-    caller's (`concurrency.run_halves`); the caller's stream waits for both, and the
-    host for neither.
     Returns:
         [B, S, H, D], q's dtype.
     """
@@ -116,10 +111,8 @@ def editing_sparse_attention(
     with_residual = alpha is not None and (isinstance(alpha, torch.Tensor) or alpha != 0)
     fused = with_residual and impl.fuses_residual  # added by the kernels that write the rows
     residual = {"residual": GatedShortcut.of(plan, alpha, q.device)} if fused else {}
-    copies = {"gather": impl.gather_blocks, "scatter": impl.scatter_blocks}
-    full_half = functools.partial(full_block_attention, q, k, v, plan, out_padded, **copies, **residual)
-    sparse_half = functools.partial(impl.sparse_block_attention, q, k, v, plan, out_padded, **residual)
-    run_halves(full_half, sparse_half, q.device)
+    full_block_attention(q, k, v, plan, out_padded, gather=impl.gather_blocks, scatter=impl.scatter_blocks, **residual)
+    impl.sparse_block_attention(q, k, v, plan, out_padded, **residual)
     if with_residual and not fused:
         add_residual(out_padded, plan, alpha)
     return out_padded[:, : layout.seq_len].contiguous()
