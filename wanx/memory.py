@@ -59,21 +59,22 @@ FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 FP8_SKIP_PATTERNS = ("embedding", "time_projection", r"^head", r"alpha_\d")
 HOST = torch.device("cpu")
 GIB = 2.0**30
-# The DiT's activations at their peak, in bytes per token (S = target + source) and model channel,
-# fitted to two peaks measured at 81 frames 960x544 (S = 85,680), bf16, 14 B DiT (26.62 GiB of
-# weights): one batch-1 forward peaked at 37.8 GiB on an H100 (docs/benchmarks.md) and, on an H200, the
-# denoising stage of a whole edit, guided batch of 2 with the fp32 VAE (0.47 GiB) also on the GPU,
-# at 48.5 GiB (docs/bench_edit.md). The difference, 48.5 - 37.8 - 0.47 = 10.23 GiB, is one more
-# sample: 25.0 bytes per token and channel; what the batch-1 peak holds beyond the weights and
-# that sample, 0.96 GiB, does not grow with the batch: 2.3 bytes (the size of the tables a batch
-# shares, the source's fp32 patch embedding and the complex128 RoPE table, 2.2). The formula used
-# before, 42.8 bytes per sample from the tensors alive inside a block, gave 44.1 and 62.1 GiB for
-# the two runs (61.6 without the VAE), 6.3 and 13.6 GiB above the measurements; this one gives 37.8
-# and 48.5 GiB. Since the FFN's GELU runs in its GEMM's epilogue, one batch-1 forward peaks at
-# 36.7 GiB (H200, docs/benchmarks.md, element-wise fusions), 1.1 GiB under this fit; the batch-2
-# edit was not measured again, so the fit stays, on the safe side.
-ACTIVATION_BYTES_PER_SAMPLE = 25.0
-ACTIVATION_BYTES_SHARED = 2.3
+# The DiT's activations at their peak, in bytes per token (S = target + source) and model channel:
+# (per sample, shared by the batch), per weight mode. Measured on H100 and H200 GPUs at 81 frames
+# 960x544 (S = 85,680) with the 14 B DiT (26.62 GiB of bf16 weights; docs/benchmarks.md, "The memory
+# estimate after the fusions").
+# fp8: (25.0, 2.3), fitted to two peaks: one batch-1 forward, 37.8 GiB, and the denoising stage of a
+# whole edit, guided batch of 2 with the fp32 VAE (0.47 GiB) also on the GPU, 48.5 GiB; their
+# difference, 10.23 GiB, is one more sample, and what the batch-1 peak holds beyond the weights and
+# that sample, 0.96 GiB, is shared (the source's fp32 patch embedding and the complex128 RoPE table).
+# That was bf16 before the FFN's GELU moved into its GEMM's epilogue, which fp8 layers do not take:
+# fp8's batch-1 peak is 24.63 GiB before and after (estimate 24.82).
+# bf16: the same two peaks now measure 36.89 and 46.39 GiB, which fit (22.1, 3.05). The per-sample
+# term is kept at 25.0 instead, with the shared one refitted to the batch-1 peak (0.15): the batch-2
+# estimate then errs 1.2 GiB high (47.6 GiB with the VAE), on the safe side where it decides whether
+# a 24 GiB GPU may run the guided batch with its blocks streamed (22.2 GiB estimated against 21.6
+# usable), a setting not yet run there.
+ACTIVATION_BYTES = {"bf16": (25.0, 0.15), "fp8": (25.0, 2.3)}
 
 Device = Union[str, torch.device]
 
@@ -341,9 +342,9 @@ def estimate_peak_gib(dit_config: Mapping, tokens: int, batch: int, offload: str
         weights_resident: "none" and "model": weights_total (the DiT runs whole on the GPU; "model"
             differs in that the other networks leave the GPU, which the planner accounts for);
             "blocks": 2 blocks (the one computing and the one prefetched) + P_other * b;
-        activations = S * dim * (batch * ACTIVATION_BYTES_PER_SAMPLE * b / 2 + ACTIVATION_BYTES_SHARED):
-            bytes per token and model channel, measured (see the constants); fp8 storage leaves
-            them unchanged (compute stays in the model's dtype). The per-sample part was
+        activations = S * dim * (batch * per_sample * b / 2 + shared), (per_sample, shared) =
+            ACTIVATION_BYTES[weights]: bytes per token and model channel, measured (see the
+            constant; fp8 differs by its unfused GELU). The per-sample part was
             measured in bf16 and is scaled by b / 2 for other dtypes, which overstates fp32 a
             little (its fp32 residual stream does not double).
     """
@@ -359,7 +360,8 @@ def estimate_peak_gib(dit_config: Mapping, tokens: int, batch: int, offload: str
     other = counts["other"] * dtype_bytes
     total = layers * block + other
     resident = 2 * block + other if offload == "blocks" else total
-    activations = tokens * dim * (batch * ACTIVATION_BYTES_PER_SAMPLE * dtype_bytes / 2 + ACTIVATION_BYTES_SHARED)
+    per_sample, shared = ACTIVATION_BYTES[weights]
+    activations = tokens * dim * (batch * per_sample * dtype_bytes / 2 + shared)
     return {
         "weights_total": total / GIB,
         "weights_resident": resident / GIB,
