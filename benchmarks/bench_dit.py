@@ -180,6 +180,7 @@ def main() -> None:
     tokens = latent_shape[2] * (latent_shape[3] // 2) * (latent_shape[4] // 2)
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python"] + sys.argv),
         "machine": platform.node(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "versions": versions(),

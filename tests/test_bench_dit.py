@@ -14,6 +14,7 @@ def test_tiny_cpu_run_writes_every_backend(tmp_path):
                     "--height", "64", "--width", "64", "--backends", "dense,torch", "--repeats", "2",
                     "--json", str(out)], cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
     report = json.loads(out.read_text())
+    assert report["info"]["command"].startswith("python ") and "--tiny" in report["info"]["command"]
     dense, isa = report["results"]
     assert (dense["backend"], isa["backend"]) == ("dense", "torch")
     for result in (dense, isa):
