@@ -15,6 +15,9 @@ peak, and its seconds per denoising step.
 From docs/profile_dit_*.json (benchmarks/profile_dit.py; in reverse name order, so _before above _after) it
 writes docs/dit_profile.png: one DiT forward's GPU kernel time split into attention, matrix
 products, the fused element-wise kernels and the rest, one bar per profile.
+From docs/benchmarks_attention_h200.json (bench_attention.py with a stage breakdown) it writes
+docs/isa_budget.png: one ISA call at the breakdown's length, one bar per backend split into its
+stages, against the time a speed-up goal over dense FA3 allows (3.2x: --goal).
 The figures depend only on the JSON: the PNGs carry no timestamp or software version.
 """
 from __future__ import annotations
@@ -289,6 +292,55 @@ def plot_profile(reports: list[tuple[str, dict]], out_path: str) -> None:
     plt.close(fig)
 
 
+BUDGET_STAGES = (("pooling", "pooling", "#8c8c8c"), ("selection", "selection", "#9467bd"),
+                 ("full part (gather + dense + scatter)", "full half: block copies + dense FA3", "#1f77b4"),
+                 ("sparse kernel", "sparse kernel", "#d62728"))
+
+
+def budget_rows(report: dict, path: str) -> tuple[dict, list[str], float]:
+    """The first result with a stage breakdown, its backends and its dense reference's ms (FA3, else cuDNN)."""
+    rows = [row for row in field(report, path, "results") if row.get("breakdown_ms")]
+    if not rows:
+        raise ValueError(f"{path}: no result has a 'breakdown_ms' (run bench_attention.py with --breakdown-at)")
+    row = rows[0]
+    dense = field(row, path, "dense_ms")
+    reference = next((name for name in SPEEDUP_BASELINES if name in dense), None)
+    if reference is None:
+        raise ValueError(f"{path}: 'dense_ms' has none of {', '.join(SPEEDUP_BASELINES)}")
+    return row, list(field(row, path, "breakdown_ms")), dense[reference]
+
+
+def plot_isa_budget(report: dict, path: str, out_path: str, goal: float) -> None:
+    """docs/isa_budget.png: each backend's stages, one after another, and the line at dense / goal."""
+    row, backends, dense_ms = budget_rows(report, path)
+    fig, ax = plt.subplots(figsize=(FIGSIZE[0], 1.8 + 0.7 * len(backends)), dpi=DPI)
+    y = list(range(len(backends)))[::-1]
+    lefts = [0.0] * len(backends)
+    for key, label, color in BUDGET_STAGES:
+        widths = [field(row, path, "breakdown_ms", backend, key) for backend in backends]
+        ax.barh(y, widths, left=lefts, color=color, label=label, height=0.55)
+        lefts = [left + width for left, width in zip(lefts, widths)]
+    for row_y, total in zip(y, lefts):
+        ax.text(total + 0.4, row_y, f"{total:.1f} ms: {dense_ms / total:.2f}x", va="center", fontsize=8)
+    budget = dense_ms / goal
+    ax.axvline(budget, color="#000000", linestyle="--", linewidth=1)
+    ax.text(budget, len(backends) - 0.45, f" {goal:g}x dense FA3 = {budget:.1f} ms", fontsize=8, va="bottom",
+            ha="right")
+    ax.set_yticks(y, [f"ISA {backend}" for backend in backends], fontsize=8)
+    ax.set_ylim(-0.6, len(backends) - 0.1)
+    ax.set_xlim(0, max(lefts + [budget]) * 1.25)
+    ax.set_xlabel("ms per call, stages timed one by one")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=len(BUDGET_STAGES))
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    environment = field(report, path, "environment")
+    fig.suptitle(f"ISA at {row['seq_len']:,} tokens against {goal:g}x dense ({dense_ms:.1f} ms): "
+                 f"{environment.get('device', '?')}, {str(environment.get('date', '?'))[:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=DPI, metadata=PNG_METADATA)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write the figures; a one-line SystemExit naming the file when a JSON file is unreadable or
     lacks a field the figure needs."""
@@ -299,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         ROOT, "docs", "bench_edit_memory_*.json"))), help="bench_edit.py reports, one per memory cap")
     parser.add_argument("--profile-json", nargs="*", default=sorted(glob.glob(os.path.join(
         ROOT, "docs", "profile_dit_*.json")), reverse=True), help="profile_dit.py reports, one bar each")
+    parser.add_argument("--budget-json", default=os.path.join(ROOT, "docs", "benchmarks_attention_h200.json"),
+                        help="a bench_attention.py report with a stage breakdown")
+    parser.add_argument("--goal", type=float, default=3.2, help="the speed-up over dense the budget figure marks")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "docs"))
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -320,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
             profile_png = os.path.join(args.out_dir, "dit_profile.png")
             plot_profile([(path, load_json(path)) for path in args.profile_json], profile_png)
             print(f"wrote {profile_png}")
+        if os.path.exists(args.budget_json):
+            budget_png = os.path.join(args.out_dir, "isa_budget.png")
+            plot_isa_budget(load_json(args.budget_json), args.budget_json, budget_png, args.goal)
+            print(f"wrote {budget_png}")
+        else:
+            print(f"{args.budget_json} not found: skipping the ISA budget figure (run benchmarks/bench_attention.py)")
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     return 0

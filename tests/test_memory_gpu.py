@@ -1,9 +1,9 @@
 """wanx.memory on a CUDA GPU: streamed blocks against resident ones, and the 14 B's peak per memory mode.
 
 The peaks are recorded with `record_property` (run with --junitxml to keep them); each must be
-within 10% of `estimate_peak_gib` (the planner's estimate; measured on the H200: 0.95 to 1.0005
-of it, docs/bench_memory.json) and within the budget the mode is for: 24 GB for "blocks" with
-batch 1 (sequential guidance).
+within 10% of `estimate_peak_gib` (the planner's estimate; measured on the H200: 0.94 to 1.00
+of it, docs/benchmarks.md "The memory estimate after the fusions") and within the budget the
+mode is for: 24 GB for "blocks" with batch 1 (sequential guidance).
 """
 import time
 

@@ -151,3 +151,35 @@ def test_profile_figure_one_bar_per_report(tmp_path):
         plot_benchmarks.main(["--attention-json", ATTENTION_JSON, "--edit-json", str(tmp_path / "none.json"),
                               "--memory-json", "--profile-json", *map(str, paths), "--out-dir", str(tmp_path)])
     assert "profile_dit_after.json" in str(error.value) and "matmul" in str(error.value)
+
+
+def budget_report(breakdown: bool = True) -> dict:
+    """A bench_attention.py report at one length with made-up stage times for two backends."""
+    stages = {"pooling": 0.8, "selection": 1.8, "full part (gather + dense + scatter)": 35.5, "sparse kernel": 5.0}
+    row = {"seq_len": 65536, "dense_ms": {"sdpa_cudnn": 140.0, "flash_attn_3": 128.0}}
+    if breakdown:
+        row["breakdown_ms"] = {"triton": dict(stages), "tilelang": {**stages, "sparse kernel": 6.5}}
+    return {"environment": {"device": "NVIDIA H200", "date": "2026-12-02T04:44:00+00:00"}, "backends": ["triton"],
+            "results": [{"seq_len": 32768, "dense_ms": {"flash_attn_3": 32.0}}, row]}
+
+
+def test_budget_figure_takes_the_row_with_a_breakdown_and_the_fa3_reference(tmp_path):
+    row, backends, dense_ms = plot_benchmarks.budget_rows(budget_report(), "a.json")
+    assert row["seq_len"] == 65536 and backends == ["triton", "tilelang"] and dense_ms == 128.0
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(budget_report()))
+    assert plot_benchmarks.main(["--attention-json", ATTENTION_JSON, "--edit-json", str(tmp_path / "none.json"),
+                                 "--memory-json", "--profile-json", "--budget-json", str(path),
+                                 "--out-dir", str(tmp_path)]) == 0
+    assert_png(tmp_path / "isa_budget.png")
+
+
+def test_budget_figure_without_a_breakdown_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "no_breakdown.json"
+    path.write_text(json.dumps(budget_report(breakdown=False)))
+    with pytest.raises(SystemExit) as error:
+        plot_benchmarks.main(["--attention-json", ATTENTION_JSON, "--edit-json", str(tmp_path / "none.json"),
+                              "--memory-json", "--profile-json", "--budget-json", str(path),
+                              "--out-dir", str(tmp_path)])
+    assert "no_breakdown.json" in str(error.value) and "breakdown_ms" in str(error.value)
+    assert "\n" not in str(error.value)
