@@ -297,8 +297,9 @@ BUDGET_STAGES = (("pooling", "pooling", "#8c8c8c"), ("selection", "selection", "
                  ("sparse kernel", "sparse kernel", "#d62728"))
 
 
-def budget_rows(report: dict, path: str) -> tuple[dict, list[str], float]:
-    """The first result with a stage breakdown, its backends and its dense reference's ms (FA3, else cuDNN)."""
+def budget_rows(report: dict, path: str) -> tuple[dict, list[str], str, float]:
+    """The first result with a stage breakdown, its backends, and its dense reference (FA3, else
+    cuDNN): the reference's name and ms."""
     rows = [row for row in field(report, path, "results") if row.get("breakdown_ms")]
     if not rows:
         raise ValueError(f"{path}: no result has a 'breakdown_ms' (run bench_attention.py with --breakdown-at)")
@@ -307,12 +308,12 @@ def budget_rows(report: dict, path: str) -> tuple[dict, list[str], float]:
     reference = next((name for name in SPEEDUP_BASELINES if name in dense), None)
     if reference is None:
         raise ValueError(f"{path}: 'dense_ms' has none of {', '.join(SPEEDUP_BASELINES)}")
-    return row, list(field(row, path, "breakdown_ms")), dense[reference]
+    return row, list(field(row, path, "breakdown_ms")), reference, dense[reference]
 
 
 def plot_isa_budget(report: dict, path: str, out_path: str, goal: float) -> None:
     """docs/isa_budget.png: each backend's stages, one after another, and the line at dense / goal."""
-    row, backends, dense_ms = budget_rows(report, path)
+    row, backends, reference, dense_ms = budget_rows(report, path)
     fig, ax = plt.subplots(figsize=(FIGSIZE[0], 1.8 + 0.7 * len(backends)), dpi=DPI)
     y = list(range(len(backends)))[::-1]
     lefts = [0.0] * len(backends)
@@ -324,8 +325,8 @@ def plot_isa_budget(report: dict, path: str, out_path: str, goal: float) -> None
         ax.text(total + 0.4, row_y, f"{total:.1f} ms: {dense_ms / total:.2f}x", va="center", fontsize=8)
     budget = dense_ms / goal
     ax.axvline(budget, color="#000000", linestyle="--", linewidth=1)
-    ax.text(budget, len(backends) - 0.45, f" {goal:g}x dense FA3 = {budget:.1f} ms", fontsize=8, va="bottom",
-            ha="right")
+    ax.text(budget, len(backends) - 0.45, f" {goal:g}x {DENSE_LABELS[reference]} = {budget:.1f} ms", fontsize=8,
+            va="bottom", ha="right")
     ax.set_yticks(y, [f"ISA {backend}" for backend in backends], fontsize=8)
     ax.set_ylim(-0.6, len(backends) - 0.1)
     ax.set_xlim(0, max(lefts + [budget]) * 1.25)

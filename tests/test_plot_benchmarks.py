@@ -164,8 +164,9 @@ def budget_report(breakdown: bool = True) -> dict:
 
 
 def test_budget_figure_takes_the_row_with_a_breakdown_and_the_fa3_reference(tmp_path):
-    row, backends, dense_ms = plot_benchmarks.budget_rows(budget_report(), "a.json")
-    assert row["seq_len"] == 65536 and backends == ["triton", "tilelang"] and dense_ms == 128.0
+    row, backends, reference, dense_ms = plot_benchmarks.budget_rows(budget_report(), "a.json")
+    assert row["seq_len"] == 65536 and backends == ["triton", "tilelang"]
+    assert (reference, dense_ms) == ("flash_attn_3", 128.0)
     path = tmp_path / "a.json"
     path.write_text(json.dumps(budget_report()))
     assert plot_benchmarks.main(["--attention-json", ATTENTION_JSON, "--edit-json", str(tmp_path / "none.json"),
