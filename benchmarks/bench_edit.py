@@ -4,6 +4,8 @@
     python benchmarks/bench_edit.py --steps 4            # shorter timing run, reported per step
     python benchmarks/bench_edit.py --tiny               # CPU: the tiny model, dense and ISA "torch"
     python benchmarks/bench_edit.py --methods triton --memory-cap-gib 24   # a 24 GiB card, emulated
+    python benchmarks/bench_edit.py --methods triton --steps 3 --guidance batch,sequential --rounds 2
+                                                         # guidance A/B in one process, interleaved
 
 With --memory-cap-gib G the process may allocate at most G GiB of the GPU
 (`torch.cuda.set_per_process_memory_fraction`, which emulates a smaller card) and the memory
@@ -13,11 +15,15 @@ reason, the planner's estimate of each stage and the measured peaks.
 Every component is built at its real size with random weights on the device
 (`model.kind: random`, no file read), once; then, for each attention method, the same source
 runs the pipeline's stages: read and resize, text encoding (prompt and negative prompt),
-VAE encode, N Flow-UniPC steps with CFG (a batch of 2 per step), VAE decode, and the mp4
-write (encode and verify). It records seconds and peak GPU memory per stage, every step's
-seconds, the dense kernel behind the method, the device, library versions and the GPU's
-clocks while denoising. A full 32-step edit's time is extrapolated from the measured steps
-when `--steps` is smaller; the JSON and the Markdown table say which numbers are which.
+VAE encode, N Flow-UniPC steps with CFG (cond and uncond each step), VAE decode, and the mp4
+write (encode and verify). With --guidance the same loaded pipeline runs each listed CFG
+guidance mode in turn ("batch": cond and uncond as one DiT batch of 2; "sequential": two batch-1
+passes), and --rounds repeats the whole sequence, so that two modes are compared interleaved in
+one process, on one set of weights and one clock history. It records seconds and peak GPU
+memory per stage, every step's seconds, the dense kernel behind the method, the device,
+library versions and the GPU's clocks while denoising. A full 32-step edit's time is
+extrapolated from the measured steps when `--steps` is smaller; the JSON and the Markdown
+table say which numbers are which.
 The output video is noise: the weights are random.
 """
 from __future__ import annotations
@@ -72,11 +78,13 @@ def versions() -> dict:
     return found
 
 
-def run_method(pipe, source, method: str, prompt: str, folder: str, monitor, write: bool) -> dict:
-    """One edit with `method` (its options from the pipeline's config); seconds and peak memory per stage."""
+def run_method(pipe, source, method: str, guidance: str, prompt: str, folder: str, monitor, write: bool) -> dict:
+    """One edit with `method` (its options from the pipeline's config) and CFG `guidance` mode; seconds and peak
+    memory per stage."""
     from wanx.config import attention_options
     from wanx.video import encode_video
 
+    pipe.memory = dataclasses.replace(pipe.memory, guidance=guidance)
     pipe.cfg.attention.backend = method
     pipe.dit.set_attention(method, attention_options(pipe.cfg))
     if pipe.device.type == "cuda":
@@ -86,7 +94,7 @@ def run_method(pipe, source, method: str, prompt: str, folder: str, monitor, wri
     gpu_state = monitor.state_since(started) if monitor else None
     if write:
         start = time.perf_counter()
-        encode_video(os.path.join(folder, f"{method}.mp4"), result.video, fps=result.fps)
+        encode_video(os.path.join(folder, f"{method}-{guidance}.mp4"), result.video, fps=result.fps)
         result.timings["write"] = time.perf_counter() - start
     steps = result.step_seconds
     steady = steps[1:] if len(steps) > 1 else steps
@@ -95,7 +103,7 @@ def run_method(pipe, source, method: str, prompt: str, folder: str, monitor, wri
     measured_total = sum(stages.values())
     full_total = measured_total - stages["denoise"] + steps[0] + step_median * (FULL_STEPS - 1)
     return {
-        "method": method, "dense_kernel": result.dense_kernel, "stages_s": stages,
+        "method": method, "guidance": guidance, "dense_kernel": result.dense_kernel, "stages_s": stages,
         "peak_memory_gib": result.peak_memory, "step_s": steps, "step_median_s": step_median,
         "first_step_s": steps[0], "measured_total_s": measured_total,
         "full_edit_s": full_total if len(steps) < FULL_STEPS else measured_total,
@@ -111,17 +119,17 @@ def _seconds(value) -> str:
 def markdown(report: dict) -> str:
     a = report["args"]
     lines = [f"Whole edit, {a['frames']} frames {a['width']}x{a['height']}, {report['steps']} measured steps "
-             f"(CFG batch {report['batch']}), {report['device']}, {report['date']}.",
+             f"(guidance scale {report['guidance_scale']:g}), {report['device']}, {report['date']}.",
              f"Command: `{report['command']}`", "",
-             "| method | dense kernel | read + resize s | text s | VAE enc s | step s (median) | first step s | "
-             "VAE dec s | write s | 32-step edit s | peak GiB (denoise) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| method | guidance | dense kernel | read + resize s | text s | VAE enc s | step s (median) | "
+             "first step s | VAE dec s | write s | 32-step edit s | peak GiB (denoise) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
         s = r["stages_s"]
         star = "*" if r["full_edit_extrapolated"] else ""
         peak = r["peak_memory_gib"].get("denoise")
-        lines.append(f"| {r['method']} | {r['dense_kernel']} | {s['preprocess']:.2f} | {s['text']:.2f} | "
-                     f"{s['vae_encode']:.2f} | {r['step_median_s']:.2f} | {r['first_step_s']:.2f} | "
+        lines.append(f"| {r['method']} | {r['guidance']} | {r['dense_kernel']} | {s['preprocess']:.2f} | "
+                     f"{s['text']:.2f} | {s['vae_encode']:.2f} | {r['step_median_s']:.2f} | {r['first_step_s']:.2f} | "
                      f"{s['vae_decode']:.2f} | {_seconds(s.get('write'))} | {r['full_edit_s']:.1f}{star} | "
                      f"{'-' if peak is None else f'{peak:.1f}'} |")
     lines += ["", f"Loading (building the random networks on the device): {report['load_s']:.1f} s, once."]
@@ -158,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-cap-gib", type=float, default=None,
                         help="GPU memory this process may use (emulates a smaller card); the tier is chosen "
                              "for it as memory.profile auto does")
+    parser.add_argument("--guidance", default=None,
+                        help="comma-separated CFG guidance modes to run on the one loaded pipeline, of batch and "
+                             "sequential (default: the memory tier's)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every method x guidance edit this many times, interleaved (an A/B in one process)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides after the benchmark's own, e.g. memory.offload=blocks")
     args = parser.parse_intermixed_args(argv)
@@ -169,6 +182,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--memory-cap-gib caps a CUDA GPU's memory: it needs a GPU and the full-size model")
     if args.memory_cap_gib is not None and args.memory_cap_gib <= 0:
         parser.error(f"--memory-cap-gib must be positive, got {args.memory_cap_gib}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    guidance_modes = None
+    if args.guidance is not None:
+        guidance_modes = [g.strip() for g in args.guidance.split(",") if g.strip()]
+        unknown = sorted(set(guidance_modes) - {"batch", "sequential"})
+        if unknown or not guidance_modes:
+            parser.error(f"--guidance takes batch and/or sequential, got {args.guidance!r}")
+        if args.memory_cap_gib is not None:
+            parser.error("--guidance and --memory-cap-gib exclude each other: under a cap the tier (guidance "
+                         "included) is the one memory.profile auto picks")
     json_path = args.json or os.path.join(ROOT, "docs", "bench_edit_tiny.json" if args.tiny else "bench_edit.json")
 
     from wanx.config import isa_config, load_config
@@ -226,12 +250,16 @@ def main(argv: list[str] | None = None) -> int:
             monitor.__enter__()
         try:
             results = []
-            for method in methods:
-                print(f"{method}: editing ({args.steps} steps)...", flush=True)
-                results.append(run_method(pipe, source, method, args.prompt, folder, monitor, write=video_io))
-                r = results[-1]
-                print(f"{method}: step median {r['step_median_s']:.2f} s, stages "
-                      + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_s"].items()), flush=True)
+            for round_index in range(args.rounds):
+                for method in methods:
+                    for guidance in guidance_modes or [plan.memory_setting.guidance]:
+                        label = f"{method}, guidance {guidance}, round {round_index + 1} of {args.rounds}"
+                        print(f"{label}: editing ({args.steps} steps)...", flush=True)
+                        r = run_method(pipe, source, method, guidance, args.prompt, folder, monitor, write=video_io)
+                        r["round"] = round_index + 1
+                        results.append(r)
+                        print(f"{label}: step median {r['step_median_s']:.2f} s, stages "
+                              + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_s"].items()), flush=True)
         finally:
             if monitor is not None:
                 monitor.__exit__(None, None, None)
@@ -240,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"),
-        "versions": versions(), "args": vars(args), "steps": args.steps, "batch": 2, "video_io": video_io,
+        "versions": versions(), "args": vars(args), "steps": args.steps,
+        "guidance_scale": float(cfg.sampler.guidance), "video_io": video_io,
         "load_s": pipe.load_seconds, "isa_config": dataclasses.asdict(isa),
         "memory": {"cap_gib": args.memory_cap_gib, "setting": dataclasses.asdict(plan.memory_setting),
                    "tier": plan.memory_setting.describe(),

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -32,4 +34,30 @@ def test_memory_cap_needs_the_gpu_model(tmp_path):
                              str(tmp_path / "bench.json")], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert result.returncode == 2
     assert "--memory-cap-gib" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_guidance_modes_run_interleaved_on_one_pipeline(tmp_path):
+    out = tmp_path / "bench.json"
+    script = os.path.join(ROOT, "benchmarks", "bench_edit.py")
+    result = subprocess.run([sys.executable, script, "--tiny", "--steps", "2", "--methods", "torch",
+                             "--guidance", "batch,sequential", "--rounds", "2", "--json", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert [(r["guidance"], r["round"]) for r in report["results"]] == [
+        ("batch", 1), ("sequential", 1), ("batch", 2), ("sequential", 2)]
+    assert all(len(r["step_s"]) == 2 and r["video_shape"] == [9, 64, 96, 3] for r in report["results"])
+    table = (tmp_path / "bench.md").read_text()
+    assert table.count("| torch | sequential |") == 2 and table.count("| torch | batch |") == 2
+
+
+@pytest.mark.parametrize("flags, named", [(["--guidance", "parallel"], "--guidance"),
+                                          (["--rounds", "0"], "--rounds")])
+def test_bad_guidance_arguments_are_named(tmp_path, flags, named):
+    script = os.path.join(ROOT, "benchmarks", "bench_edit.py")
+    result = subprocess.run([sys.executable, script, "--tiny", *flags, "--json", str(tmp_path / "bench.json")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2
+    assert named in result.stderr.splitlines()[-1]
     assert not (tmp_path / "bench.json").exists()
