@@ -201,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     from wanx.planning import make_plan
     from wanx.video import write_video
 
-    # without a cap, a fixed memory tier (none, bf16, batch unless memory.* overrides say otherwise):
-    # a benchmark measures the tier it is given; with a cap, the tier auto picks for that much memory
+    # without a cap, the first tier for this size whatever the free memory (offload none, bf16, and the
+    # guidance mode the planner orders first) unless memory.* overrides say otherwise: a benchmark measures
+    # the tier it is given; with a cap, the tier auto picks for that much memory
     profile = "manual" if args.memory_cap_gib is None else "auto"
     overrides = [f"sampler.steps={args.steps}", f"video.max_frames={args.frames}",
                  f"video.size=[{args.height},{args.width}]", "attention.backend=dense", f"memory.profile={profile}"]

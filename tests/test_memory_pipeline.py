@@ -78,8 +78,8 @@ def test_every_stage_counts_towards_a_tiers_peak():
 @pytest.mark.parametrize("free_gib, expected", [
     (24, MemorySetting("blocks", "bf16", "sequential")),  # blocks + batch 2 needs 22.2 GiB, above 90% of 24
     (48, MemorySetting("none", "bf16", "sequential")),  # 40.2 GiB (text stage); the guided batch of 2 needs 47.6
-    (80, MemorySetting("none", "bf16", "batch")),
-    (141, MemorySetting("none", "bf16", "batch")),
+    (80, MemorySetting("none", "bf16", "sequential")),  # 85,680 tokens per sample: sequential is the faster here
+    (141, MemorySetting("none", "bf16", "sequential")),
 ])
 def test_auto_picks_the_fastest_tier_that_fits(free_gib, expected):
     plan = plan_14b(free_gib)
@@ -126,12 +126,32 @@ def test_no_tier_that_fits_is_refused_naming_the_smallest_and_the_free_memory():
 
 
 def test_values_set_under_auto_are_kept_and_manual_takes_them_as_given():
-    assert plan_14b(48, ["memory.offload=blocks"]).memory_setting == MemorySetting("blocks", "bf16", "batch")
-    assert plan_14b(80, ["memory.weights=fp8"]).memory_setting == MemorySetting("none", "fp8", "batch")
+    assert plan_14b(48, ["memory.offload=blocks"]).memory_setting == MemorySetting("blocks", "bf16", "sequential")
+    assert plan_14b(80, ["memory.weights=fp8"]).memory_setting == MemorySetting("none", "fp8", "sequential")
+    assert plan_14b(141, ["memory.guidance=batch"]).memory_setting == MemorySetting("none", "bf16", "batch")
     manual = plan_14b(24, ["memory.profile=manual", "memory.guidance=sequential"])
     assert manual.memory_setting == MemorySetting("none", "bf16", "sequential")
     assert any("may run out of GPU memory" in w for w in manual.warnings)
-    assert plan_14b(None).memory_setting == MemorySetting()  # free memory unknown: the fastest
+    assert plan_14b(None).memory_setting == MemorySetting(guidance="sequential")  # free memory unknown: the fastest
+
+
+@pytest.mark.parametrize("frames, height, width, first", [
+    (17, 480, 832, "batch"),  # 15,600 tokens per sample: one batch of 2 measured faster on the H200
+    (41, 480, 832, "sequential"),  # 34,320 tokens: two batch-1 passes measured faster
+    (81, 544, 960, "sequential"),  # 85,680 tokens
+])
+def test_the_guidance_order_follows_the_tokens_per_sample(frames, height, width, first):
+    cfg = load_config("inference.yaml", ["device=cuda", f"video.size=[{height},{width}]"])
+    plan = planning.make_plan(cfg, shaped_source(frames, height, width), None)
+    tokens_per_sample = plan.target_tokens + plan.source_tokens
+    assert (tokens_per_sample >= planning.SEQUENTIAL_GUIDANCE_MIN_TOKENS) == (first == "sequential")
+    second = {"batch": "sequential", "sequential": "batch"}[first]
+    assert [t.setting.guidance for t in plan.memory_tiers] == [first, second] * 6
+    assert plan.memory_setting == MemorySetting("none", "bf16", first)
+    no_cfg = planning.make_plan(load_config("inference.yaml", ["device=cuda", f"video.size=[{height},{width}]",
+                                                               "sampler.guidance=1.0"]),
+                                shaped_source(frames, height, width), None)
+    assert no_cfg.memory_setting == MemorySetting()  # without CFG both modes run one batch-1 pass: batch first
 
 
 def test_auto_on_the_cpu_is_the_fastest_tier_and_blocks_are_not_listed():

@@ -45,6 +45,12 @@ TEXT_ENCODER_WORK_SPACE = 0.235
 # frames at a time, so the work space is taken to grow with the frame's size and not with the clip's length
 # (measured at one size only). Scaled by the VAE dtype's bytes / 4; not estimated with video.vae_tiling.
 VAE_WORK_BYTES_PER_PIXEL = 23_750
+# Tokens per sample (target + source) from which a GPU runs the CFG pair faster as two batch-1 DiT passes
+# than as one batch of 2: H200, ISA triton, one process, interleaved (docs/benchmarks.md, guidance order):
+# 15,600 tokens (17 frames 832x480) batch 1.42-1.43 against sequential 1.49 s per step; 34,320 (41 frames)
+# 3.75-3.76 against 3.50-3.54; 85,680 (81 frames 960x544) 12.82 against 12.19-12.28 (dense FA3 there: 23.38-23.40
+# against 22.85-23.09). Between 15,600 and 34,320 nothing is measured: the threshold keeps batch there.
+SEQUENTIAL_GUIDANCE_MIN_TOKENS = 32_768
 TRAINING_FRAMES = 81  # the clip length Wan 2.2 and LIVEditor were trained on: 81 video frames = 21 latent frames
 LONG_VIDEO_ADVICE = f"beyond the {TRAINING_FRAMES}-frame training length; consider attention.backend=lvsa"
 
@@ -261,11 +267,12 @@ def memory_tiers(cfg, dit_config: dict, seq: int, cfg_batch: bool, weights: dict
     The order: bf16 before fp8, since fp8 storage changes the output (4.3% relative L2 for the
     14 B on the H200) and is no faster (each layer dequantises its matrix in every forward); then
     offload none, model, blocks (data moved per edit: none, each network once, every block once
-    per DiT forward; measured on the H200, streaming the blocks cost nothing per step); then
-    guidance batch before sequential (reasoned: one DiT pass per step instead of two over the same
-    weights; the H200 measured sequential 5% faster at 81 frames 960x544 with ISA, one size and
-    method only, so the order stands until more are measured). Measurements: docs/benchmarks.md,
-    memory tiers.
+    per DiT forward; measured on the H200, streaming the blocks cost nothing per step); then the
+    guidance mode: on a CUDA GPU with CFG and at least `SEQUENTIAL_GUIDANCE_MIN_TOKENS` tokens per
+    sample, sequential before batch (two batch-1 passes measured 1-7% faster on the H200 there, and
+    they need fewer activations), else batch before sequential (one DiT pass per step: faster for
+    short clips, where a batch of 1 leaves the GPU partly idle; the CPU is not measured).
+    Measurements: docs/benchmarks.md, memory tiers and guidance order.
 
     Stages, per tier (the DiT's figures from `estimate_peak_gib`):
         text: umT5's weights and work space (`TEXT_ENCODER_WORK_SPACE`), plus with offload none the DiT and
@@ -288,10 +295,12 @@ def memory_tiers(cfg, dit_config: dict, seq: int, cfg_batch: bool, weights: dict
     parallel = cfg.parallel.ulysses_degree * cfg.parallel.cfg_degree > 1
     dtype_bytes = DTYPES[cfg.model.dtype].itemsize
     vae_work = vae_work_space_gib(cfg, frame_pixels)
+    sequential_first = device_type == "cuda" and cfg_batch and seq >= SEQUENTIAL_GUIDANCE_MIN_TOKENS
+    guidance_order = ("sequential", "batch") if sequential_first else ("batch", "sequential")
     tiers = []
     for weight_mode in WEIGHT_MODES:
         for offload in OFFLOAD_MODES:
-            for guidance in ("batch", "sequential"):
+            for guidance in guidance_order:
                 if offload == "blocks" and device_type != "cuda":
                     continue
                 setting = MemorySetting(offload, weight_mode, guidance)
@@ -380,7 +389,9 @@ def free_gpu_bytes(cfg) -> Optional[int]:
 def memory_setting_without_plan(cfg, device: torch.device) -> MemorySetting:
     """The memory setting of a pipeline loaded without a plan's (`EditingPipeline.load(cfg)`).
 
-    Profile "manual", and "auto" on a CPU (no GPU limit): the values set, the fastest for the rest.
+    Profile "manual", and "auto" on a CPU (no GPU limit): the values set, and for the rest the
+    first tier of a short clip (none, bf16, batch). For a long clip on a GPU the planner puts
+    sequential guidance first (`memory_tiers`): pass `make_plan(...).memory_setting` to load with it.
     Raises:
         ConfigError: profile "auto" on a GPU, whose choice depends on the edit's size.
     """
