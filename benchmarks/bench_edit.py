@@ -186,10 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     guidance_modes = None
     if args.guidance is not None:
+        from wanx.config import GUIDANCE_MODES
+
         guidance_modes = [g.strip() for g in args.guidance.split(",") if g.strip()]
-        unknown = sorted(set(guidance_modes) - {"batch", "sequential"})
-        if unknown or not guidance_modes:
-            parser.error(f"--guidance takes batch and/or sequential, got {args.guidance!r}")
+        if not guidance_modes or set(guidance_modes) - set(GUIDANCE_MODES):
+            parser.error(f"--guidance takes a comma-separated list of {' and '.join(GUIDANCE_MODES)}, "
+                         f"got {args.guidance!r}")
         if args.memory_cap_gib is not None:
             parser.error("--guidance and --memory-cap-gib exclude each other: under a cap the tier (guidance "
                          "included) is the one memory.profile auto picks")

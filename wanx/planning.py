@@ -31,7 +31,7 @@ from long_video_sparse_attention import (
 
 from .attention import LVSAOptions, lvsa_kernel
 from .components import DTYPES
-from .config import ConfigError, MemorySetting, attention_options
+from .config import GUIDANCE_MODES, ConfigError, MemorySetting, attention_options
 from .memory import GIB, OFFLOAD_MODES, WEIGHT_MODES, estimate_peak_gib
 
 FIT_MARGIN = 0.10  # share of the free GPU memory a tier leaves unplanned (estimate error, allocator fragmentation)
@@ -296,7 +296,7 @@ def memory_tiers(cfg, dit_config: dict, seq: int, cfg_batch: bool, weights: dict
     dtype_bytes = DTYPES[cfg.model.dtype].itemsize
     vae_work = vae_work_space_gib(cfg, frame_pixels)
     sequential_first = device_type == "cuda" and cfg_batch and seq >= SEQUENTIAL_GUIDANCE_MIN_TOKENS
-    guidance_order = ("sequential", "batch") if sequential_first else ("batch", "sequential")
+    guidance_order = GUIDANCE_MODES[::-1] if sequential_first else GUIDANCE_MODES  # (batch, sequential) or reversed
     tiers = []
     for weight_mode in WEIGHT_MODES:
         for offload in OFFLOAD_MODES:
